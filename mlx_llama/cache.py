@@ -1,0 +1,53 @@
+"""Per-layer key/value cache for incremental decoding.
+
+Stores only the K/V heads (grouped-query attention shares each among several query heads, so
+repeating them here would multiply memory for nothing). Storage grows in steps of ``step``
+positions and new keys are written into slices, instead of concatenating a fresh array for
+every token.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    step = 256
+
+    def __init__(self):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Append keys/values of shape (B, kv_heads, T, head_dim); return everything cached so far."""
+        t = keys.shape[2]
+        if self.keys is None or self.offset + t > self.keys.shape[2]:
+            self._grow(keys, values, t)
+        self.keys[..., self.offset : self.offset + t, :] = keys
+        self.values[..., self.offset : self.offset + t, :] = values
+        self.offset += t
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def _grow(self, keys, values, t):
+        B, n_kv, _, k_dim = keys.shape
+        v_dim = values.shape[3]
+        n_steps = (t + self.step - 1) // self.step
+        new_k = mx.zeros((B, n_kv, n_steps * self.step, k_dim), keys.dtype)
+        new_v = mx.zeros((B, n_kv, n_steps * self.step, v_dim), values.dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            # Keep only the filled part, then extend by whole steps.
+            self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return None
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
