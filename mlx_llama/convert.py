@@ -1,0 +1,175 @@
+"""Hugging Face checkpoint -> MLX model directory, optionally quantized.
+
+Tensors are read lazily and written shard by shard, so memory holds at most one output shard.
+Everything is written into a hidden temporary directory next to the target and renamed into place
+at the very end: an interrupted or failed conversion leaves nothing that looks like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from . import quant
+from .config import ModelArgs
+from .errors import MlxLlamaError
+from .hub import resolve
+from .model import Model
+from .tokenizer import TOKENIZER_FILES, load_tokenizer
+from .weights import INDEX_FILE, SINGLE_FILE, check_weights, open_weights
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+# Hugging Face checkpoints sometimes carry these precomputed buffers; they are not weights.
+NON_WEIGHT_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def expected_shapes(args: ModelArgs) -> dict:
+    """Parameter name -> shape for this config. The random init is lazy, so this allocates nothing."""
+    return {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}
+
+
+def sanitize(weights: dict, args: ModelArgs) -> dict:
+    """Drop what the model does not own: RoPE buffers, and a duplicate lm_head when tied."""
+    out = {k: v for k, v in weights.items() if not k.endswith(NON_WEIGHT_SUFFIXES)}
+    if args.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str = "mlx_model",
+    *,
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 32,
+    q_recipe: str = "mixed",
+    force: bool = False,
+    revision: Optional[str] = None,
+    max_shard_bytes: int = 5 << 30,
+    progress: bool = True,
+) -> Path:
+    """Convert a Hugging Face Llama checkpoint (local directory or Hub repo id) to an MLX model directory.
+
+    ``dtype`` casts floating weights (default: keep each tensor's stored dtype). ``quantize`` stores
+    Linear/embedding matrices at ``q_bits`` with ``q_group_size`` weights per scale; the "mixed"
+    recipe keeps the embedding and output head at 8 bits. Returns the output path.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise MlxLlamaError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if quantize and (q_bits not in (4, 8) or q_group_size not in (32, 64, 128)):
+        raise MlxLlamaError(f"unsupported quantization: bits {q_bits} (4 or 8), group size {q_group_size} (32, 64, 128)")
+    out = Path(mlx_path).expanduser()
+    _check_target(out, force)
+    src = resolve(hf_path, revision)
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise MlxLlamaError(f"{out}: the output would overwrite the input checkpoint")
+
+    config = _read_json(src / "config.json")
+    args = ModelArgs.from_dict(config, source=str(src / "config.json"))
+    load_tokenizer(src, args.eos_token_ids)  # fail now, before any work, if it is missing or broken
+    weights = sanitize(open_weights(src), args)
+    check_weights(expected_shapes(args), {k: v.shape for k, v in weights.items()}, str(src))
+
+    qplan = quant.plan({k: v.shape for k, v in weights.items()}, q_bits, q_group_size, q_recipe) if quantize else {}
+    if quantize:
+        config["quantization"] = quant.config_entry(qplan, q_bits, q_group_size)
+    else:
+        config.pop("quantization", None)
+    if dtype is not None:
+        config["torch_dtype"] = dtype
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write_weights(tmp, weights, qplan, dtype, max_shard_bytes, progress)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_weights(tmp: Path, weights: dict, qplan: dict, dtype: Optional[str], max_shard_bytes: int, progress: bool):
+    shards, shard, shard_bytes = [], {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        path = tmp / f"shard-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
+        shards.append((path, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for name in tqdm(sorted(weights), desc="converting", unit="tensor", disable=not progress):
+        w = weights[name]
+        if mx.issubdtype(w.dtype, mx.floating) and dtype is not None:
+            w = w.astype(DTYPES[dtype])
+        path = quant.module_path(name)
+        if path in qplan:
+            bits, group = qplan[path]
+            # Quantize from float32 so the scales are computed at full precision, then store them
+            # in the weight's own dtype.
+            q, scales, biases = mx.quantize(w.astype(mx.float32), group_size=group, bits=bits)
+            tensors = {name: q, f"{path}.scales": scales.astype(w.dtype), f"{path}.biases": biases.astype(w.dtype)}
+        else:
+            tensors = {name: w}
+        mx.eval(tensors)
+        shard.update(tensors)
+        shard_bytes += sum(t.nbytes for t in tensors.values())
+        if shard_bytes >= max_shard_bytes:
+            flush()
+    if shard or not shards:
+        flush()
+
+    if len(shards) == 1:
+        shards[0][0].rename(tmp / SINGLE_FILE)
+        return
+    weight_map, total = {}, 0
+    for i, (path, names) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(tmp / final)
+        weight_map.update({n: final for n in names})
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        if out.is_file() or any(out.iterdir()):
+            raise MlxLlamaError(f"{out}: already exists and is not empty (use --force to replace it)")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished directory into place; the old one (with --force) goes only after."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        out.rename(old / "x")
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MlxLlamaError(f"{path}: missing (not a Hugging Face model directory?)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxLlamaError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise MlxLlamaError(f"{path}: expected a JSON object")
+    return d

@@ -1,0 +1,47 @@
+"""Resolve a model argument to a local directory: an existing path, or a Hub repo id.
+
+Hub downloads go through huggingface_hub, so HF_HOME, HF_HUB_OFFLINE and the usual cache layout
+apply; only the files a conversion needs are fetched.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from .errors import MlxLlamaError
+
+ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MlxLlamaError(f"{path}: not a directory")
+        return path
+    if not _REPO_ID.match(str(path_or_repo)):
+        raise MlxLlamaError(f"{path_or_repo}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except Exception as e:  # huggingface_hub raises many types (offline, 404, auth, network)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MlxLlamaError(
+            f"{path_or_repo}: no such directory, and it could not be fetched from the Hugging Face Hub ({why})"
+        ) from None
