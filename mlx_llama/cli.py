@@ -1,0 +1,174 @@
+"""Command-line front ends. Everything here is argument parsing and printing; the work is done by
+library functions. User mistakes end in one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MlxLlamaError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _run(main, argv) -> int:
+    try:
+        return main(argv) or 0
+    except MlxLlamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: the user's to fix, not a bug
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _probability(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
+    return v
+
+
+def _non_negative(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v >= 0.0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def convert_args(argv=None):
+    p = _Parser(prog="convert.py", description="Convert a Hugging Face Llama checkpoint to an MLX model directory.")
+    p.add_argument("--hf-path", required=True, help="local Hugging Face model directory or Hub repo id (ORG/NAME)")
+    p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) when --hf-path is a repo id")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast floating weights (default: keep)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and embedding weights")
+    p.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="bits per weight (default: 4)")
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=32, help="weights per scale (default: 32)")
+    p.add_argument(
+        "--q-recipe",
+        choices=["mixed", "uniform"],
+        default="mixed",
+        help="mixed (default): embedding/output head at 8 bits, the rest at --q-bits; uniform: all at --q-bits",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --mlx-path")
+    return p.parse_args(argv)
+
+
+def convert_main(argv=None) -> int:
+    def main(argv):
+        from .convert import convert
+
+        a = convert_args(argv)
+        out = convert(
+            a.hf_path,
+            a.mlx_path,
+            dtype=a.dtype,
+            quantize=a.quantize,
+            q_bits=a.q_bits,
+            q_group_size=a.q_group_size,
+            q_recipe=a.q_recipe,
+            force=a.force,
+            revision=a.revision,
+        )
+        print(f"Wrote {out}")
+
+    return _run(main, argv)
+
+
+def generate_args(argv=None):
+    p = _Parser(prog="generate.py", description="Generate text with a converted MLX Llama model.")
+    p.add_argument("--model", required=True, help="MLX model directory (from convert.py) or Hub repo id")
+    p.add_argument("--prompt", required=True, help="the prompt ('-' reads it from standard input)")
+    p.add_argument("--max-tokens", type=_positive_int, default=256, help="most tokens to generate (default: 256)")
+    p.add_argument("--temp", type=_non_negative, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (default: 1, off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
+    p.add_argument("--min-p", type=_probability, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=_non_negative, default=1.0, help="> 1 discourages repeats (default: 1)")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--system-prompt", help="system message for the chat template")
+    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--prefill-step-size", type=_positive_int, default=512, help="prompt tokens per prefill chunk")
+    a = p.parse_args(argv)
+    if a.top_k < 0:
+        p.error(f"argument --top-k: must be >= 0, got {a.top_k}")
+    if a.repetition_penalty == 0:
+        p.error("argument --repetition-penalty: must be > 0")
+    return a
+
+
+def generate_main(argv=None) -> int:
+    def main(argv):
+        a = generate_args(argv)
+        prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+        if not prompt.strip():
+            raise MlxLlamaError("the prompt is empty")
+
+        import mlx.core as mx
+
+        from .generate import format_stats, stream_generate
+        from .loader import load
+        from .sample import make_logits_processors, make_sampler
+
+        if a.seed is not None:
+            mx.random.seed(a.seed)
+        model, tokenizer = load(a.model)
+        use_template = tokenizer.chat_template is not None and not a.ignore_chat_template
+        ids = tokenizer.encode_chat(prompt, system_prompt=a.system_prompt, use_template=use_template)
+        device = mx.default_device().type.name
+        print(
+            f"[{a.model}: weights stored as {_dtype_name(model.stored_dtype)}"
+            f"{_quant_note(model.args.quantization)}, computing in {_dtype_name(model.compute_dtype)} on {device}]",
+            file=sys.stderr,
+        )
+        last = None
+        for last in stream_generate(
+            model,
+            tokenizer,
+            ids,
+            max_tokens=a.max_tokens,
+            sampler=make_sampler(a.temp, a.top_p, a.top_k, a.min_p),
+            logits_processors=make_logits_processors(a.repetition_penalty),
+            prefill_step_size=a.prefill_step_size,
+        ):
+            print(last.text, end="", flush=True)
+        print()
+        print("=" * 10)
+        print(format_stats(last))
+
+    return _run(main, argv)
+
+
+def _dtype_name(d) -> str:
+    return str(d).rsplit(".", 1)[-1]
+
+
+def _quant_note(q) -> str:
+    if not q:
+        return ""
+    extra = sorted({(v["bits"]) for v in q.values() if isinstance(v, dict)} - {q["bits"]})
+    more = f" ({', '.join(f'{b}-bit' for b in extra)} for some layers)" if extra else ""
+    return f", quantized {q['bits']}-bit group {q['group_size']}{more}"

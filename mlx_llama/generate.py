@@ -1,0 +1,158 @@
+"""Text generation as stacked generators.
+
+``generate_step`` yields (token, logprobs) forever from a prompt: chunked prefill, then one token
+per step with the KV cache. ``stream_generate`` adds detokenizing, stop conditions and timing and
+yields small ``GenerationResponse`` records. ``generate`` returns the whole text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+
+from .errors import MlxLlamaError
+from .sample import make_sampler
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the text this step finished (may be empty while a character is incomplete)
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    finish_reason: Optional[str] = None  # "stop" (an EOS id) or "length" (max_tokens), on the last record
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable] = None,
+    logits_processors: Sequence[Callable] = (),
+    prefill_step_size: int = 512,
+    cache: Optional[list] = None,
+) -> Iterator[Tuple[int, mx.array]]:
+    """Yield (token id, logprobs over the vocabulary) for up to ``max_tokens`` new tokens."""
+    sampler = sampler or make_sampler(0.0)
+    cache = cache if cache is not None else model.make_cache()
+    history = prompt
+
+    def step(y: mx.array):
+        nonlocal history
+        logits = model(y[None], cache)[:, -1, :]
+        for proc in logits_processors:
+            logits = proc(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        if logits_processors:
+            history = mx.concatenate([history, token])
+        return token, logprobs[0]
+
+    # Prefill all but the last prompt token in chunks: peak memory for activations stays bounded
+    # by the chunk, whatever the prompt length.
+    rest = prompt
+    while rest.size > 1:
+        n = min(prefill_step_size, rest.size - 1)
+        model(rest[None, :n], cache)
+        mx.eval([c.keys for c in cache])
+        rest = rest[n:]
+
+    y, logprobs = step(rest)
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        # Queue the next step before reading this one, so the graph for token n+1 is built while
+        # token n is still computing; the host waits only for the token id itself.
+        if n + 1 < max_tokens:
+            next_y, next_logprobs = step(y)
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n + 1 < max_tokens:
+            y, logprobs = next_y, next_logprobs
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int]],
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable] = None,
+    logits_processors: Sequence[Callable] = (),
+    prefill_step_size: int = 512,
+) -> Iterator[GenerationResponse]:
+    """Yield a ``GenerationResponse`` per generated token; stops at any EOS id or after ``max_tokens``.
+
+    A string prompt is encoded as is (no chat template): use ``tokenizer.encode_chat`` for that.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise MlxLlamaError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids or (isinstance(prompt, str) and not prompt.strip()):
+        raise MlxLlamaError("the prompt is empty")
+    detok = tokenizer.detokenizer()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    n = 0
+    for n, (token, _) in enumerate(
+        generate_step(
+            mx.array(ids, dtype=mx.uint32),
+            model,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            prefill_step_size=prefill_step_size,
+        ),
+        start=1,
+    ):
+        if n == 1:
+            # The first token's time is the prompt's: prefill plus one step.
+            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        stop = token in tokenizer.eos_token_ids
+        finish = "stop" if stop else ("length" if n == max_tokens else None)
+        # The stop token's own text is never shown; whatever the detokenizer held back is.
+        text = "" if stop else detok.add_token(token)
+        if finish:
+            text += detok.finalize()
+        elapsed = time.perf_counter() - tic
+        yield GenerationResponse(
+            text=text,
+            token=token,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+        )
+        if finish:
+            break
+
+
+def generate(model, tokenizer, prompt: Union[str, List[int]], *, verbose: bool = False, **kwargs) -> str:
+    """Generate and return the text; with ``verbose`` stream it to stdout and print the speed."""
+    text, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        text.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(format_stats(last))
+    return "".join(text)
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s\n"
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
+        f"Peak memory: {r.peak_memory_gb:.3f} GB"
+    )
