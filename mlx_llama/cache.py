@@ -32,13 +32,15 @@ class KVCache:
     def _grow(self, keys, values, t):
         B, n_kv, _, k_dim = keys.shape
         v_dim = values.shape[3]
-        n_steps = (t + self.step - 1) // self.step
-        new_k = mx.zeros((B, n_kv, n_steps * self.step, k_dim), keys.dtype)
-        new_v = mx.zeros((B, n_kv, n_steps * self.step, v_dim), values.dtype)
+        # New capacity: the next whole number of steps that fits offset + t positions.
+        capacity = -(-(self.offset + t) // self.step) * self.step
+        extra = capacity - self.offset
+        new_k = mx.zeros((B, n_kv, extra, k_dim), keys.dtype)
+        new_v = mx.zeros((B, n_kv, extra, v_dim), values.dtype)
         if self.keys is None:
             self.keys, self.values = new_k, new_v
         else:
-            # Keep only the filled part, then extend by whole steps.
+            # Keep only the filled part, then extend.
             self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
             self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
 
