@@ -8,14 +8,11 @@ at the very end: an interrupted or failed conversion leaves nothing that looks l
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
 from . import quant
 from .config import ModelArgs
@@ -23,7 +20,8 @@ from .errors import MlxLlamaError
 from .hub import resolve
 from .model import Model
 from .tokenizer import TOKENIZER_FILES, load_tokenizer
-from .weights import INDEX_FILE, SINGLE_FILE, check_weights, open_weights
+from .weights import check_weights, open_weights
+from .writer import check_target, write_model_dir
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # Hugging Face checkpoints sometimes carry these precomputed buffers; they are not weights.
@@ -68,7 +66,7 @@ def convert(
     if quantize and (q_bits not in (4, 8) or q_group_size not in (32, 64, 128)):
         raise MlxLlamaError(f"unsupported quantization: bits {q_bits} (4 or 8), group size {q_group_size} (32, 64, 128)")
     out = Path(mlx_path).expanduser()
-    _check_target(out, force)
+    check_target(out, force)
     src = resolve(hf_path, revision)
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise MlxLlamaError(f"{out}: the output would overwrite the input checkpoint")
@@ -87,80 +85,25 @@ def convert(
     if dtype is not None:
         config["torch_dtype"] = dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        _write_weights(tmp, weights, qplan, dtype, max_shard_bytes, progress)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    files = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
+    groups = (_convert_tensor(name, weights[name], qplan, dtype) for name in sorted(weights))
+    return write_model_dir(
+        out, config, groups, files=files, total=len(weights), max_shard_bytes=max_shard_bytes, progress=progress
+    )
 
 
-def _write_weights(tmp: Path, weights: dict, qplan: dict, dtype: Optional[str], max_shard_bytes: int, progress: bool):
-    shards, shard, shard_bytes = [], {}, 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        path = tmp / f"shard-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
-        shards.append((path, list(shard)))
-        shard, shard_bytes = {}, 0
-
-    for name in tqdm(sorted(weights), desc="converting", unit="tensor", disable=not progress):
-        w = weights[name]
-        if mx.issubdtype(w.dtype, mx.floating) and dtype is not None:
-            w = w.astype(DTYPES[dtype])
-        path = quant.module_path(name)
-        if path in qplan:
-            bits, group = qplan[path]
-            # Quantize from float32 so the scales are computed at full precision, then store them
-            # in the weight's own dtype.
-            q, scales, biases = mx.quantize(w.astype(mx.float32), group_size=group, bits=bits)
-            tensors = {name: q, f"{path}.scales": scales.astype(w.dtype), f"{path}.biases": biases.astype(w.dtype)}
-        else:
-            tensors = {name: w}
-        mx.eval(tensors)
-        shard.update(tensors)
-        shard_bytes += sum(t.nbytes for t in tensors.values())
-        if shard_bytes >= max_shard_bytes:
-            flush()
-    if shard or not shards:
-        flush()
-
-    if len(shards) == 1:
-        shards[0][0].rename(tmp / SINGLE_FILE)
-        return
-    weight_map, total = {}, 0
-    for i, (path, names) in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        path.rename(tmp / final)
-        weight_map.update({n: final for n in names})
-    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        if out.is_file() or any(out.iterdir()):
-            raise MlxLlamaError(f"{out}: already exists and is not empty (use --force to replace it)")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; the old one (with --force) goes only after."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        out.rename(old / "x")
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _convert_tensor(name: str, w: mx.array, qplan: dict, dtype: Optional[str]) -> dict:
+    """One source tensor -> the tensors stored for it (three when quantized)."""
+    if mx.issubdtype(w.dtype, mx.floating) and dtype is not None:
+        w = w.astype(DTYPES[dtype])
+    path = quant.module_path(name)
+    if path not in qplan:
+        return {name: w}
+    bits, group = qplan[path]
+    # Quantize from float32 so the scales are computed at full precision, then store them
+    # in the weight's own dtype.
+    q, scales, biases = mx.quantize(w.astype(mx.float32), group_size=group, bits=bits)
+    return {name: q, f"{path}.scales": scales.astype(w.dtype), f"{path}.biases": biases.astype(w.dtype)}
 
 
 def _read_json(path: Path) -> dict:

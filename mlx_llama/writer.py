@@ -1,0 +1,93 @@
+"""Writing an MLX model directory safely: shard by shard, into a hidden temporary directory that is
+renamed into place only when everything is written. An interrupted or failed run leaves nothing
+that looks like a model, and ``--force`` removes the old directory only after the new one is ready."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from .errors import MlxLlamaError
+from .weights import INDEX_FILE, SINGLE_FILE
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse to overwrite a non-empty output unless forced. Call before any expensive work."""
+    if out.exists() and not force:
+        if out.is_file() or any(out.iterdir()):
+            raise MlxLlamaError(f"{out}: already exists and is not empty (use --force to replace it)")
+
+
+def write_model_dir(
+    out: Path,
+    config: dict,
+    tensor_groups: Iterable[Dict[str, mx.array]],
+    *,
+    files: Optional[Dict[str, Path]] = None,
+    total: Optional[int] = None,
+    max_shard_bytes: int = 5 << 30,
+    progress: bool = True,
+) -> Path:
+    """Write config.json, the tensors (each group evaluated and saved before the next is read, so memory
+    holds at most one shard) and ``files`` (name -> source path, copied) as the directory ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        groups = tqdm(tensor_groups, total=total, desc="converting", unit="tensor", disable=not progress)
+        _write_shards(tmp, groups, max_shard_bytes)
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_shards(tmp: Path, groups: Iterable[Dict[str, mx.array]], max_shard_bytes: int) -> None:
+    shards, shard, shard_bytes = [], {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        path = tmp / f"shard-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
+        shards.append((path, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for tensors in groups:
+        mx.eval(tensors)
+        shard.update(tensors)
+        shard_bytes += sum(t.nbytes for t in tensors.values())
+        if shard_bytes >= max_shard_bytes:
+            flush()
+    if shard or not shards:
+        flush()
+
+    if len(shards) == 1:
+        shards[0][0].rename(tmp / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(tmp / final)
+        weight_map.update({n: final for n in names})
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        out.rename(old / "x")
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
