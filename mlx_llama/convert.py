@@ -100,10 +100,8 @@ def _convert_tensor(name: str, w: mx.array, qplan: dict, dtype: Optional[str]) -
     if path not in qplan:
         return {name: w}
     bits, group = qplan[path]
-    # Quantize from float32 so the scales are computed at full precision, then store them
-    # in the weight's own dtype.
-    q, scales, biases = mx.quantize(w.astype(mx.float32), group_size=group, bits=bits)
-    return {name: q, f"{path}.scales": scales.astype(w.dtype), f"{path}.biases": biases.astype(w.dtype)}
+    q, scales, biases = quant.quantize(w, group, bits, dtype=w.dtype)
+    return {name: q, f"{path}.scales": scales, f"{path}.biases": biases}
 
 
 def _read_json(path: Path) -> dict:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+import mlx.core as mx
+import numpy as np
+
 # Modules whose weight matrix can be quantized (the Linear layers and the embedding).
 QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
 # The embedding is also the output head when tied: every logit passes through it. At 4 bits it
@@ -63,3 +66,85 @@ def params_for(config_q: dict, path: str) -> Tuple[int, int]:
     if isinstance(override, dict):
         return override["bits"], override["group_size"]
     return config_q["bits"], config_q["group_size"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantizer. MLX's format: per group of `group_size` consecutive weights along a row,
+# w ~= scale * q + bias with q an unsigned `bits`-bit integer, packed little-end first into uint32.
+# We compute q, scale and bias ourselves (rather than with mx.quantize) to guarantee two things
+# that matter for correctness and that mx.quantize does not (its error reaches a whole step, and
+# zeros come back as ~1e-7):
+#   - every weight is within half a step of its dequantized value, using the scale and bias as
+#     they are *stored* (rounded to the model's dtype), not as they were computed;
+#   - in a group that contains exact zeros, they dequantize to exactly 0.
+
+_MANTISSA_BITS = {"float32": 24, "float16": 11, "bfloat16": 8}  # significant bits, implicit one included
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _round_to_dtype(x: np.ndarray, dtype: str, direction: str) -> np.ndarray:
+    """float32 values representable in `dtype`, rounded towards +inf ("up") or -inf ("down")."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        y = x.astype(np.float16)
+        wrong = y.astype(np.float32) < x if direction == "up" else y.astype(np.float32) > x
+        target = np.float16(np.inf if direction == "up" else -np.inf)
+        return np.where(wrong, np.nextafter(y, target), y).astype(np.float32)
+    # bfloat16 is the top half of a float32: truncate, then step one bf16 ulp where we went the wrong way.
+    y = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    wrong = y < x if direction == "up" else y > x
+    away_from_zero = (y >= 0) == (direction == "up")
+    step = np.where(away_from_zero, 0x10000, -0x10000).astype(np.int64)
+    stepped = (y.view(np.uint32).astype(np.int64) + step).astype(np.uint32).view(np.float32)
+    return np.where(wrong, stepped, y)
+
+
+def _round_up_bits(x: np.ndarray, bits: int) -> np.ndarray:
+    """Round positive x up to a number with at most `bits` significant bits."""
+    mant, exp = np.frexp(x.astype(np.float64))
+    return np.ldexp(np.ceil(np.ldexp(mant, bits)), exp - bits).astype(np.float32)
+
+
+def quantize(w, group_size: int, bits: int, dtype=None) -> Tuple[mx.array, mx.array, mx.array]:
+    """Quantize a (rows, cols) matrix to MLX's affine format: (packed uint32, scales, biases).
+
+    ``dtype`` is the storage dtype of scales and biases (default: w's). Loads with ``mx.dequantize``
+    and ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` like anything mx.quantize makes.
+    """
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    dtype = _dtype_name(dtype or w.dtype)
+    w = np.array(w.astype(mx.float32) if isinstance(w, mx.array) else w, dtype=np.float32)
+    rows, cols = w.shape
+    if cols % group_size:
+        raise ValueError(f"input size {cols} is not a multiple of the group size {group_size}")
+    n = 2**bits - 1
+    g = w.reshape(rows, cols // group_size, group_size)
+    lo, hi = g.min(-1), g.max(-1)
+
+    # Ordinary groups: the grid runs from the bias (min, rounded down) up by n steps (rounded up).
+    bias = _round_to_dtype(lo, dtype, "down")
+    scale = _round_to_dtype(np.maximum((hi - bias) / n, np.finfo(np.float32).tiny), dtype, "up")
+
+    # Groups holding an exact zero: put zero on the grid at an integer z (bias = -z * scale). For
+    # -z * scale to be exact in the storage dtype, the scale keeps only the significant bits that
+    # z (at most `bits` of them) leaves free; it is rounded up so the grid still covers [lo, hi].
+    has_zero = (g == 0).any(-1)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    z = np.clip(np.round(-lo / span * n), 0, n)
+    z = np.where((z == 0) & (lo < 0), 1, np.where((z == n) & (hi > 0), n - 1, z))
+    z_scale = np.maximum(np.where(z > 0, -lo / np.maximum(z, 1), 0), np.where(z < n, hi / np.maximum(n - z, 1), 0))
+    z_scale = _round_up_bits(np.where(z_scale > 0, z_scale, 1.0), max(_MANTISSA_BITS[dtype] - bits, 1))
+    scale = np.where(has_zero, z_scale, scale)
+    bias = np.where(has_zero, -z * z_scale, bias).astype(np.float32)
+
+    q = np.clip(np.round((g - bias[..., None]) / scale[..., None]), 0, n).astype(np.uint32)
+    q = q.reshape(rows, cols // (32 // bits), 32 // bits)
+    packed = np.bitwise_or.reduce(q << (np.arange(32 // bits, dtype=np.uint32) * bits), axis=-1)
+    mdtype = getattr(mx, dtype)
+    return mx.array(packed.astype(np.uint32)), mx.array(scale).astype(mdtype), mx.array(bias).astype(mdtype)
