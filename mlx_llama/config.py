@@ -24,7 +24,7 @@ class ConfigError(MlxLlamaError):
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # rope_scaling types we implement. Anything else is refused rather than silently ignored:
 # a wrong RoPE gives a model that runs and talks nonsense.
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclass
@@ -130,13 +130,18 @@ class ModelArgs:
                 f"{source}: rope_scaling type {rtype!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
-        if rtype == "llama3":
-            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                v = rs.get(key)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                    raise ConfigError(f"{source}: rope_scaling.{key} = {v!r} must be a positive number")
-            if rs["high_freq_factor"] <= rs["low_freq_factor"]:
-                raise ConfigError(f"{source}: rope_scaling.high_freq_factor must exceed low_freq_factor")
+        required = {
+            "linear": ("factor",),
+            "dynamic": ("factor",),
+            "yarn": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        }.get(rtype, ())
+        for key in required:
+            v = rs.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{source}: rope_scaling.{key} = {v!r} must be a positive number")
+        if rtype == "llama3" and rs["high_freq_factor"] <= rs["low_freq_factor"]:
+            raise ConfigError(f"{source}: rope_scaling.high_freq_factor must exceed low_freq_factor")
 
     @property
     def eos_token_ids(self) -> list:

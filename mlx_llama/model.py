@@ -37,7 +37,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
-        self.rope = RoPE(self.head_dim, traditional=args.rope_traditional, base=args.rope_theta, scaling=args.rope_scaling)
+        self.rope = RoPE(
+            self.head_dim,
+            traditional=args.rope_traditional,
+            base=args.rope_theta,
+            scaling=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
 
     def __call__(self, x: mx.array, mask=None, cache: Optional[KVCache] = None) -> mx.array:
         B, T, _ = x.shape
