@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .errors import MlxLlamaError
 
@@ -14,7 +15,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # One line, printed around any progress bar rather than into it.
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def _run(main, argv) -> int:
+    warnings.showwarning = _show_warning
     try:
         return main(argv) or 0
     except MlxLlamaError as e:

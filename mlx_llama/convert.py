@@ -8,6 +8,7 @@ at the very end: an interrupted or failed conversion leaves nothing that looks l
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -23,9 +24,14 @@ from .tokenizer import TOKENIZER_FILES, load_tokenizer
 from .weights import check_weights, open_weights
 from .writer import check_target, write_model_dir
 
+F16_MAX = 65504.0
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # Hugging Face checkpoints sometimes carry these precomputed buffers; they are not weights.
 NON_WEIGHT_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class ConversionWarning(UserWarning):
+    """Something in the checkpoint that converts but is probably wrong (NaN/Inf, float16 overflow)."""
 
 
 def expected_shapes(args: ModelArgs) -> dict:
@@ -73,7 +79,12 @@ def convert(
 
     config = _read_json(src / "config.json")
     args = ModelArgs.from_dict(config, source=str(src / "config.json"))
-    load_tokenizer(src, args.eos_token_ids)  # fail now, before any work, if it is missing or broken
+    tokenizer = load_tokenizer(src, args.eos_token_ids)  # fail now, before any work, if missing or broken
+    if tokenizer.vocab_size > args.vocab_size:
+        raise MlxLlamaError(
+            f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+            f"{args.vocab_size} rows (config.json vocab_size): ids past the table would crash generation"
+        )
     weights = sanitize(open_weights(src), args)
     check_weights(expected_shapes(args), {k: v.shape for k, v in weights.items()}, str(src))
 
@@ -94,8 +105,15 @@ def convert(
 
 def _convert_tensor(name: str, w: mx.array, qplan: dict, dtype: Optional[str]) -> dict:
     """One source tensor -> the tensors stored for it (three when quantized)."""
-    if mx.issubdtype(w.dtype, mx.floating) and dtype is not None:
-        w = w.astype(DTYPES[dtype])
+    if mx.issubdtype(w.dtype, mx.floating):
+        if not mx.all(mx.isfinite(w)).item():
+            warnings.warn(f"{name}: contains NaN or Inf values; the model will produce garbage", ConversionWarning)
+        if dtype == "float16" and w.dtype != mx.float16:
+            peak = mx.max(mx.abs(w.astype(mx.float32))).item()
+            if peak > F16_MAX:
+                warnings.warn(f"{name}: |values| up to {peak:.4g} exceed float16's range ({F16_MAX:g})", ConversionWarning)
+        if dtype is not None:
+            w = w.astype(DTYPES[dtype])
     path = quant.module_path(name)
     if path not in qplan:
         return {name: w}
