@@ -69,7 +69,7 @@ def _non_negative(s: str) -> float:
 
 def convert_args(argv=None):
     p = _Parser(prog="convert.py", description="Convert a Hugging Face Llama checkpoint to an MLX model directory.")
-    p.add_argument("--hf-path", required=True, help="local Hugging Face model directory or Hub repo id (ORG/NAME)")
+    p.add_argument("--hf-path", required=True, help="local Hugging Face model directory, Hub repo id (ORG/NAME), or a .gguf file (imported as stored)")
     p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) when --hf-path is a repo id")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast floating weights (default: keep)")

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from . import quant
 from .config import ModelArgs
 from .errors import MlxLlamaError
+from .gguf_import import import_gguf
 from .hub import resolve
 from .model import Model
 from .tokenizer import TOKENIZER_FILES, load_tokenizer
@@ -67,6 +68,10 @@ def convert(
     Linear/embedding matrices at ``q_bits`` with ``q_group_size`` weights per scale; the "mixed"
     recipe keeps the embedding and output head at 8 bits. Returns the output path.
     """
+    if str(hf_path).lower().endswith(".gguf"):
+        if dtype is not None or quantize or revision is not None:
+            raise MlxLlamaError(f"{hf_path}: a GGUF file is imported as stored; --dtype, -q and --revision do not apply")
+        return import_gguf(hf_path, mlx_path, force=force, progress=progress)
     if dtype is not None and dtype not in DTYPES:
         raise MlxLlamaError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     if quantize and (q_bits not in (4, 8) or q_group_size not in (32, 64, 128)):

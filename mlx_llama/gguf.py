@@ -3,6 +3,8 @@
 The export holds what a user would download from the Hub (config.json, model.safetensors, tokenizer
 files), so the rest of the package reads a GGUF-born model exactly as it reads any HF checkpoint.
 Weights are dequantized and the q/k rows moved back from GGUF's interleaved RoPE layout.
+The reading, checking and renaming here are shared with gguf_import.py, which keeps the quantized
+tensors as they are instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import Collection, NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -21,6 +24,7 @@ import numpy as np
 from .errors import MlxLlamaError
 
 GROUP_SIZE = 32  # every GGUF block quantization that mx.load keeps quantized (Q4_0, Q4_1, Q8_0)
+_TRIPLE = ("weight", "scales", "biases")  # how mx.load returns a quantized tensor
 
 # The one renaming table. GGUF base name -> HF module path; per-layer GGUF names are "blk.N.<key>".
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -38,12 +42,38 @@ LAYER_NAMES = {
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values, as in llama.cpp
 # Sizes of the fixed-size GGUF metadata value types; 8 is a string, 9 an array.
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# GGML tensor storage types (ggml.h), by the id a GGUF tensor table records.
+GGML_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+    27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0",
+}
+_BF16 = 30
 
 
-def check_gguf_header(path) -> None:
+def ggml_type_name(ggml_type: int) -> str:
+    return GGML_TYPES.get(ggml_type, f"unknown type {ggml_type}")
+
+
+class GGUFTensor(NamedTuple):
+    """One entry of a GGUF tensor table."""
+
+    ggml_type: int
+    shape: tuple  # row-major, as mx.load returns it (GGUF lists the dimensions innermost first)
+    offset: int  # absolute byte offset of the data in the file
+
+
+class GGUFHeader(NamedTuple):
+    architecture: Optional[str]  # general.architecture, when it is a string
+    tensors: dict  # tensor name -> GGUFTensor, in file order
+
+
+def check_gguf_header(path) -> GGUFHeader:
     """Walk a GGUF header with bounds checks, so that a corrupt file raises instead of reaching mlx.
 
     mx.load segfaults on corrupt headers ("GGUF" then random bytes); truncated tensor data it reports.
+    Returns the architecture and the tensor table (names, storage types, shapes, offsets).
     """
     path = Path(path)
     if not path.is_file():
@@ -53,10 +83,10 @@ def check_gguf_header(path) -> None:
         if magic != b"GGUF":
             raise MlxLlamaError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _walk_header(buf, f"{path}: corrupt or truncated GGUF file")
+            return _walk_header(buf, f"{path}: corrupt or truncated GGUF file")
 
 
-def _walk_header(buf, corrupt: str) -> None:
+def _walk_header(buf, corrupt: str) -> GGUFHeader:
     size, pos = len(buf), 4
 
     def skip(n: int) -> int:
@@ -94,39 +124,79 @@ def _walk_header(buf, corrupt: str) -> None:
         raise MlxLlamaError(f"{corrupt} (GGUF version {version}; expected 2 or 3)")
     if max(n_kv, n_tensors) > size:
         raise MlxLlamaError(f"{corrupt} (counts {n_kv} and {n_tensors} exceed the file size)")
-    alignment = 32
+    alignment, architecture = 32, None
     for _ in range(n_kv):
         key, (vtype,) = string(), take("<I")
         if key == b"general.alignment" and vtype == 4:
             alignment = take("<I")[0] or 32
+        elif key == b"general.architecture" and vtype == 8:
+            architecture = string().decode("utf-8", errors="replace")
         else:
             skip_value(vtype)
-    last_offset = 0
+    table = []
     for _ in range(n_tensors):
-        string()
+        name = string().decode("utf-8", errors="replace")
         (n_dims,) = take("<I")
         if n_dims > 4:
             raise MlxLlamaError(f"{corrupt} (a tensor with {n_dims} dimensions)")
-        skip(8 * n_dims)
-        last_offset = max(last_offset, take("<IQ")[1])
+        dims = take(f"<{n_dims}Q")
+        ggml_type, offset = take("<IQ")
+        table.append((name, ggml_type, tuple(reversed(dims)), offset))
     data_start = -(-pos // alignment) * alignment
-    if n_tensors and data_start + last_offset >= size:
+    if table and data_start + max(t[3] for t in table) >= size:
         raise MlxLlamaError(f"{corrupt} (tensor data runs past the end of the file)")
+    tensors = {name: GGUFTensor(t, shape, data_start + offset) for name, t, shape, offset in table}
+    return GGUFHeader(architecture, tensors)
 
 
-def read_gguf(path) -> tuple[dict[str, mx.array], dict]:
-    """Every tensor and the metadata of a llama GGUF file; quantized tensors stay MLX triples."""
-    check_gguf_header(path)
+def check_architecture(architecture, source) -> None:
+    """Only llama GGUFs: other architectures name their tensors and hyperparameters differently."""
+    if architecture != "llama":
+        raise MlxLlamaError(f"{source}: general.architecture is {architecture!r}; only 'llama' is supported")
+
+
+def check_tensor_types(tensors: dict, allowed: Collection[str], source) -> None:
+    """Refuse a tensor table holding any storage type not in `allowed` (names as in GGML_TYPES)."""
+    bad = [(name, info.ggml_type) for name, info in tensors.items() if ggml_type_name(info.ggml_type) not in allowed]
+    if bad:
+        name, t = bad[0]
+        more = f" (and {len(bad) - 1} more tensors of unsupported types)" if len(bad) > 1 else ""
+        raise MlxLlamaError(
+            f"{source}: tensor {name} is stored as {ggml_type_name(t)}, which cannot be imported{more}; "
+            f"supported: {', '.join(allowed)}"
+        )
+
+
+def read_gguf(path, tensor_types: Optional[Collection[str]] = None) -> tuple[dict[str, mx.array], dict]:
+    """Every tensor and the metadata of a llama GGUF file; quantized tensors stay MLX triples.
+
+    With `tensor_types` (names as in GGML_TYPES), a file holding any other storage type is refused
+    before anything is loaded.
+    """
+    header = check_gguf_header(path)
+    check_architecture(header.architecture, path)
+    if tensor_types is not None:
+        check_tensor_types(header.tensors, tensor_types, path)
     try:
         tensors, metadata = mx.load(str(path), format="gguf", return_metadata=True)
     except (RuntimeError, ValueError) as e:
         # e.g. "[load_gguf] Tensor 'x' extends past the end of the file. Perhaps an incomplete download..."
         cause = (str(e).replace("[load_gguf] ", "").splitlines() or [type(e).__name__])[0]
         raise MlxLlamaError(f"{path}: unreadable GGUF file: {cause}") from None
-    arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise MlxLlamaError(f"{path}: general.architecture is {arch!r}; only 'llama' is supported")
+    # mx.load turns BF16 into float16, which flushes values below ~6e-8 to zero and overflows above
+    # 65504: read those tensors' bytes ourselves.
+    for name, info in header.tensors.items():
+        if info.ggml_type == _BF16:
+            tensors[name] = _read_bf16(path, name, info)
     return tensors, metadata
+
+
+def _read_bf16(path, name: str, info: GGUFTensor) -> mx.array:
+    count = int(np.prod(info.shape))
+    raw = np.fromfile(path, dtype="<u2", count=count, offset=info.offset)
+    if raw.size != count:
+        raise MlxLlamaError(f"{path}: truncated GGUF file (tensor {name} runs past the end)")
+    return mx.array(raw.astype(np.uint16)).view(mx.bfloat16).reshape(info.shape)
 
 
 def _scalar(metadata: dict, key: str, kind=int, default=None):
@@ -188,10 +258,16 @@ def unpermute_rope_rows(w: mx.array, n_heads: int, head_dim: int) -> mx.array:
     return mx.swapaxes(w, 1, 2).reshape(n_heads * head_dim, *rest)
 
 
-def _dequantize(name: str, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+def quant_bits(name: str, w: mx.array, scales: mx.array) -> int:
+    """Bits per weight of an mx.load triple: packed uint32 columns * 32 / (groups * GROUP_SIZE)."""
     bits, rem = divmod(w.shape[-1] * 32, scales.shape[-1] * GROUP_SIZE)
-    if rem or bits not in (2, 3, 4, 5, 6, 8):
+    if rem or bits not in (2, 3, 4, 5, 6, 8) or w.shape[:-1] != scales.shape[:-1]:
         raise MlxLlamaError(f"GGUF tensor {name}: no bit width fits shapes {w.shape} and {scales.shape}")
+    return bits
+
+
+def _dequantize(name: str, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+    bits = quant_bits(name, w, scales)
     # float32 scales and biases, so the values are not rounded through float16 on the way
     s, b = scales.astype(mx.float32), biases.astype(mx.float32)
     return mx.dequantize(w, s, b, group_size=GROUP_SIZE, bits=bits)
@@ -204,34 +280,50 @@ def _hf_name(base: str) -> str | None:
     return GLOBAL_NAMES.get(base)
 
 
-def gguf_hf_weights(tensors: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
-    """HF-named float32 weights from mx.load's GGUF tensors: dequantized, q/k rows un-permuted."""
+def gguf_modules(tensors: dict[str, mx.array], config: dict) -> dict[str, dict[str, mx.array]]:
+    """mx.load's GGUF tensors grouped by HF module path: {"model.layers.0.self_attn.q_proj": {"weight":
+    ..., "scales": ..., "biases": ...}, ...}, every tensor kept as loaded except that the q/k rows are
+    moved to the HF layout. For quantized q/k the same row permutation is applied to the packed weight,
+    the scales and the biases: quantization groups run along a row, so rows move whole and the
+    dequantized values are exactly those of the file, permuted. Unknown and missing tensors raise.
+    """
     rope_heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    weights, unknown = {}, []
+    modules, unknown = {}, []
     for key in sorted(tensors):
         base, _, suffix = key.rpartition(".")
         hf = _hf_name(base)
         if hf is None or suffix not in ("weight", "bias", "scales", "biases"):
             unknown.append(key)
-        elif suffix in ("scales", "biases"):  # consumed with their .weight
-            if f"{base}.weight" not in tensors:
-                raise MlxLlamaError(f"GGUF tensor {key} has no {base}.weight")
+        elif suffix in ("scales", "biases") and any(f"{base}.{p}" not in tensors for p in _TRIPLE):
+            missing = next(f"{base}.{p}" for p in _TRIPLE if f"{base}.{p}" not in tensors)
+            raise MlxLlamaError(f"GGUF tensor {key} has no {missing}")
         else:
-            t = tensors[key]
-            if suffix == "weight" and f"{base}.scales" in tensors:
-                t = _dequantize(key, t, tensors[f"{base}.scales"], tensors[f"{base}.biases"])
-            t = t.astype(mx.float32)
-            if hf.rpartition(".")[2] in rope_heads:
-                t = unpermute_rope_rows(t, rope_heads[hf.rpartition(".")[2]], config["head_dim"])
-            weights[f"{hf}.{suffix}"] = t
+            modules.setdefault(hf, {})[suffix] = tensors[key]
     if unknown:
         raise MlxLlamaError(f"unknown GGUF tensors: {', '.join(unknown[:8])}{' ...' * (len(unknown) > 8)}")
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    expected = {"model.embed_tokens", "model.norm"}
     for i in range(config["num_hidden_layers"]):
-        expected |= {f"model.layers.{i}.{name}.weight" for name in LAYER_NAMES.values()}
-    missing = sorted(expected - weights.keys())
+        expected |= {f"model.layers.{i}.{name}" for name in LAYER_NAMES.values()}
+    missing = sorted(p for p in expected if "weight" not in modules.get(p, {}))
     if missing:
-        raise MlxLlamaError(f"GGUF file lacks tensors for: {', '.join(missing[:8])}")
+        raise MlxLlamaError(f"GGUF file lacks tensors for: {', '.join(f'{p}.weight' for p in missing[:8])}")
+    for path, parts in modules.items():
+        kind = path.rpartition(".")[2]
+        if kind in rope_heads:
+            modules[path] = {k: unpermute_rope_rows(t, rope_heads[kind], config["head_dim"]) for k, t in parts.items()}
+    return modules
+
+
+def gguf_hf_weights(tensors: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
+    """HF-named float32 weights from mx.load's GGUF tensors: dequantized, q/k rows un-permuted."""
+    weights = {}
+    for path, parts in gguf_modules(tensors, config).items():
+        if "scales" in parts:
+            weights[f"{path}.weight"] = _dequantize(f"{path}.weight", parts["weight"], parts["scales"], parts["biases"])
+        else:
+            weights[f"{path}.weight"] = parts["weight"].astype(mx.float32)
+        if "bias" in parts:
+            weights[f"{path}.bias"] = parts["bias"].astype(mx.float32)
     return weights
 
 
