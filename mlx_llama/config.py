@@ -49,6 +49,8 @@ class ModelArgs:
     mlp_bias: bool = False
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Union[int, list]] = None
+    # Mistral v0.1 attends only to the last `sliding_window` positions; null for Llama.
+    sliding_window: Optional[int] = None
     quantization: Optional[dict] = None
 
     REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -115,8 +117,11 @@ class ModelArgs:
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
         self._validate_rope_scaling(source)
-        if not isinstance(self.eos_token_id, (int, list, type(None))):
-            bad("eos_token_id", "must be an integer or a list of integers")
+        eos = self.eos_token_id
+        if eos is not None and not (_is_id(eos) or (isinstance(eos, list) and all(_is_id(i) for i in eos))):
+            bad("eos_token_id", "must be a token id or a list of token ids")
+        if self.sliding_window is not None and not _is_pos_int(self.sliding_window):
+            bad("sliding_window", "must be a positive integer or null")
 
     def _validate_rope_scaling(self, source: str) -> None:
         rs = self.rope_scaling
@@ -161,3 +166,7 @@ def _is_int(v: Any) -> bool:
 
 def _is_pos_int(v: Any) -> bool:
     return _is_int(v) and v > 0
+
+
+def _is_id(v: Any) -> bool:
+    return _is_int(v) and v >= 0

@@ -51,9 +51,19 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
-def _ids(value) -> set[int]:
-    """eos_token_id in config.json and generation_config.json: an int, a list or null."""
-    return set() if value is None else {int(value)} if isinstance(value, int) else {int(i) for i in value}
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _ids(value, source: str) -> set[int]:
+    """eos_token_id in config.json and generation_config.json: an id, a list of ids, or null."""
+    if value is None:
+        return set()
+    if _is_id(value):
+        return {value}
+    if isinstance(value, (list, tuple, set)) and all(_is_id(i) for i in value):
+        return set(value)
+    raise TokenizerError(f"{source}: eos_token_id = {value!r} must be a token id or a list of token ids")
 
 
 class _HFBackend:
@@ -171,7 +181,8 @@ def load_tokenizer(model_dir, eos_token_ids=()) -> "Tokenizer":
     add_bos = config.get("add_bos_token")
     if not isinstance(add_bos, bool):  # Llama's SentencePiece models always wanted BOS
         add_bos = backend.adds_bos(bos_id) if isinstance(backend, _HFBackend) else bos_id is not None
-    eos_ids = _ids(eos_token_ids) | _ids(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
+    gen_config = model_dir / "generation_config.json"
+    eos_ids = _ids(eos_token_ids, "config.json") | _ids(_read_json(gen_config).get("eos_token_id"), str(gen_config))
     eos_id = backend.token_to_id(eos_token) if eos_token else None
     return Tokenizer(backend, bos_token if bos_id is not None else None, bos_id, add_bos, eos_token,
                      eos_ids | ({eos_id} if eos_id is not None else set()), *_chat_template(model_dir, config))
