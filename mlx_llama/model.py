@@ -18,11 +18,15 @@ from .config import ModelArgs
 from .rope import RoPE
 
 
-def causal_mask(t: int, offset: int = 0) -> mx.array:
-    """Boolean (t, offset + t): query i, at absolute position offset + i, sees keys 0 .. offset + i."""
+def causal_mask(t: int, offset: int = 0, window: Optional[int] = None) -> mx.array:
+    """Boolean (t, offset + t): query i, at absolute position offset + i, sees keys 0 .. offset + i
+    (only the last ``window`` of them with a sliding window)."""
     q_pos = mx.arange(offset, offset + t)[:, None]
     k_pos = mx.arange(offset + t)[None, :]
-    return k_pos <= q_pos
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    return mask
 
 
 class Attention(nn.Module):
@@ -94,15 +98,24 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.sliding_window = args.sliding_window
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(tokens)
         if cache is None:
             cache = [None] * len(self.layers)
-        # One new token attends to everything cached: no mask needed. Several new tokens need the
-        # causal mask, aligned so the last query sees the last key (what "causal" does in MLX,
-        # checked against causal_mask() in the tests).
-        mask = "causal" if h.shape[1] > 1 else None
+        t = h.shape[1]
+        offset = cache[0].offset if cache[0] is not None else 0
+        window = self.sliding_window
+        if window is not None and offset + t > window:
+            # Mistral v0.1: keys further back than the window are hidden.
+            mask = causal_mask(t, offset, window)
+        elif t > 1:
+            # Several new tokens need the causal mask, aligned so the last query sees the last key
+            # (what "causal" does in MLX, checked against causal_mask() in the tests).
+            mask = "causal"
+        else:
+            mask = None  # one new token attends to everything cached
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)

@@ -373,6 +373,8 @@ def llama_forward(weights: dict, config: dict, tokens, rope_per_position: bool =
     T = tokens.shape[1]
     positions = np.arange(T)
     mask = causal_mask(T, 0)
+    if config.get("sliding_window"):  # Mistral v0.1: only the last `sliding_window` positions are visible
+        mask = mask & (positions[None, :] > positions[:, None] - config["sliding_window"])
     h = w["model.embed_tokens.weight"][tokens]  # (B, T, hidden)
     for i in range(config["num_hidden_layers"]):
         h = block(h, w, f"model.layers.{i}.", config, positions, mask, rope_per_position)

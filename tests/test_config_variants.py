@@ -514,3 +514,32 @@ def test_chat_prompt_has_exactly_one_bos(template, add_bos_token, tmp_path):
     assert ids[0] == 1 and ids.count(1) == 1
     text = tokenizer.decode(ids)
     assert text.startswith("<s><|system|>Be brief.\n<|user|>Hello world!\n") and text.endswith("<|assistant|>")
+
+
+def test_mistral_sliding_window_hides_old_positions(tmp_path):
+    """Mistral v0.1's sliding window: full forward and cached decoding both see only the last W keys."""
+    config = tiny_config(model_type="mistral", sliding_window=4)
+    weights = random_weights(config, seed=21)
+    hf = write_hf_checkpoint(tmp_path / "hf", config, weights)
+    model, _ = load(str(convert(str(hf), str(tmp_path / "mlx"), progress=False)))
+    tokens = np.array([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    ref = R.llama_forward(weights, config, tokens)
+    full = np.array(model(mx.array(tokens))).astype(np.float64)
+    assert R.rel_l2(full, ref) < 1e-4
+    cache = model.make_cache()
+    steps = np.concatenate([np.array(model(mx.array(tokens[:, i : i + 1]), cache=cache)) for i in range(9)], axis=1)
+    assert R.rel_l2(steps.astype(np.float64), ref) < 1e-4
+    # The window matters: without it the later positions differ.
+    no_window = R.llama_forward(weights, {**config, "sliding_window": None}, tokens)
+    assert R.rel_l2(no_window[:, 4:], ref[:, 4:]) > 1e-3
+
+
+@pytest.mark.parametrize("bad", ["12", 2.0, [2, None], True])
+def test_malformed_eos_ids_are_refused(tmp_path, bad):
+    config = tiny_config()
+    hf = write_hf_checkpoint(tmp_path / "hf", config, random_weights(config))
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+    with pytest.raises(MlxLlamaError, match="generation_config.json: eos_token_id"):
+        convert(str(hf), str(tmp_path / "out"), progress=False)
+    with pytest.raises(ConfigError, match="eos_token_id"):
+        ModelArgs.from_dict({**config, "eos_token_id": bad})

@@ -205,11 +205,22 @@ def a_file_not_a_directory(root):
     return f, ["not a directory"]
 
 
+def gguf_cut_short(root):
+    """The first 40 bytes of a GGUF: the magic and counts are there, the rest is not."""
+    import mlx.core as mx
+
+    full = root / "full.gguf"
+    mx.save_gguf(str(full), {"token_embd.weight": mx.zeros((8, 4))}, {"general.architecture": "llama"})
+    cut = root / "cut.gguf"
+    cut.write_bytes(full.read_bytes()[:40])
+    return cut, ["cut.gguf", "truncated"]
+
+
 CASES = [
     truncated, empty_weights_file, header_length_lies, header_not_json, offsets_past_end, shape_lies,
     negative_shape, unknown_dtype, index_names_missing_shard, index_not_json, index_lists_absent_tensor,
     config_not_json, config_is_a_list, heads_do_not_divide, vocab_larger_than_embedding, empty_directory,
-    only_a_tokenizer, no_weights, a_file_not_a_directory,
+    only_a_tokenizer, no_weights, a_file_not_a_directory, gguf_cut_short,
 ]
 BAD_SIZES = [("hidden_size", 0), ("num_hidden_layers", -2), ("intermediate_size", 96.5), ("vocab_size", "320"),
              ("num_attention_heads", True)]
