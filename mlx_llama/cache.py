@@ -50,6 +50,17 @@ class KVCache:
             return None
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    @state.setter
+    def state(self, kv):
+        self.keys, self.values = kv
+        self.offset = self.keys.shape[2]
+
+    def trim(self, n: int) -> int:
+        """Forget the last ``n`` positions (rejected draft tokens, an edited chat turn); returns how many."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
