@@ -20,6 +20,7 @@ from .config import ModelArgs
 from .errors import MlxLlamaError
 from .gguf_import import import_gguf
 from .hub import resolve
+from .meta import is_meta_checkpoint, meta_config, meta_weights
 from .model import Model
 from .tokenizer import TOKENIZER_FILES, load_tokenizer
 from .weights import check_weights, open_weights
@@ -82,15 +83,16 @@ def convert(
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise MlxLlamaError(f"{out}: the output would overwrite the input checkpoint")
 
-    config = _read_json(src / "config.json")
-    args = ModelArgs.from_dict(config, source=str(src / "config.json"))
+    meta = is_meta_checkpoint(src)  # params.json + consolidated.*.pth, no config.json
+    config = meta_config(src) if meta else _read_json(src / "config.json")
+    args = ModelArgs.from_dict(config, source=str(src / ("params.json" if meta else "config.json")))
     tokenizer = load_tokenizer(src, args.eos_token_ids)  # fail now, before any work, if missing or broken
     if tokenizer.vocab_size > args.vocab_size:
         raise MlxLlamaError(
             f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
             f"{args.vocab_size} rows (config.json vocab_size): ids past the table would crash generation"
         )
-    weights = sanitize(open_weights(src), args)
+    weights = sanitize(meta_weights(src, config) if meta else open_weights(src), args)
     check_weights(expected_shapes(args), {k: v.shape for k, v in weights.items()}, str(src))
 
     qplan = quant.plan({k: v.shape for k, v in weights.items()}, q_bits, q_group_size, q_recipe) if quantize else {}

@@ -16,6 +16,7 @@ from typing import Dict, Tuple
 import mlx.core as mx
 
 from .errors import MlxLlamaError
+from .torch_pickle import open_torch_weights, torch_weight_files
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -84,14 +85,21 @@ def weight_files(model_dir: Path) -> Dict[str, Path]:
     single = model_dir / SINGLE_FILE
     if single.exists():
         return {name: single for name in read_safetensors_header(single)}
-    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pth")):
-        raise WeightsError(f"{model_dir}: only PyTorch .bin/.pth weights found; this version reads safetensors")
+    torch_files = torch_weight_files(model_dir)  # pytorch_model.bin (+ index): only when there are no safetensors
+    if torch_files is not None:
+        return torch_files
+    if any(model_dir.glob("*.pth")):
+        raise WeightsError(
+            f"{model_dir}: only .pth files; a Meta checkpoint needs params.json beside consolidated.*.pth"
+        )
     raise WeightsError(f"{model_dir}: no weights found ({SINGLE_FILE} or {INDEX_FILE})")
 
 
 def open_weights(model_dir: Path) -> Dict[str, mx.array]:
     """Lazily map every tensor (nothing is read until a tensor is evaluated)."""
     files = weight_files(model_dir)
+    if any(p.suffix == ".bin" for p in files.values()):
+        return open_torch_weights(files)
     out = {}
     for path in sorted(set(files.values())):
         if not path.exists():
