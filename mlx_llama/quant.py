@@ -7,19 +7,24 @@ The loader then quantizes exactly the modules whose ``.scales`` the weight files
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import fnmatch
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
 # Modules whose weight matrix can be quantized (the Linear layers and the embedding).
 QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
-# The embedding is also the output head when tied: every logit passes through it. At 4 bits it
-# is the largest single source of error on SmolLM2 (FACTS.md section 3: 4-bit g32 with an
-# 8-bit embedding keeps the answer right, 4-bit g64 throughout does not), and for a small model
-# it is a large share of the weights, so keeping it at 8 bits costs little size for much quality.
-HIGH_PRECISION = ("embed_tokens", "lm_head")
-RECIPES = ("mixed", "uniform")
+Rule = Tuple[str, Optional[int], Optional[int]]
+# A recipe is a list of rules (module-path glob, bits, group size), the first match winning; None
+# keeps --q-bits / --q-group-size, and modules no rule matches get those too.
+RECIPES: Dict[str, List[Rule]] = {
+    "uniform": [],
+    # The embedding is also the output head when tied: every logit passes through it. At 4 bits it
+    # is the largest single source of error on SmolLM2 (FACTS.md section 3: 4-bit g32 with an
+    # 8-bit embedding keeps the answer right, 4-bit g64 throughout does not).
+    "mixed": [("*embed_tokens", 8, None), ("lm_head", 8, None)],
+}
 
 
 def module_path(weight_name: str) -> Optional[str]:
@@ -30,24 +35,31 @@ def module_path(weight_name: str) -> Optional[str]:
     return path if path.rsplit(".", 1)[-1] in QUANTIZABLE else None
 
 
-def plan(shapes: Dict[str, tuple], bits: int, group_size: int, recipe: str = "mixed") -> Dict[str, Tuple[int, int]]:
+def plan(
+    shapes: Dict[str, tuple], bits: int, group_size: int, recipe: Union[str, Sequence[Rule]] = "mixed"
+) -> Dict[str, Tuple[int, int]]:
     """module path -> (bits, group_size) for every tensor that will be quantized.
 
-    A matrix whose input size is not a multiple of the group size is left in float: quantizing it
-    would need padding that neither MLX nor mlx-lm understands.
+    ``recipe`` is a name from RECIPES or a list of rules. A matrix whose input size is not a multiple
+    of its group size is left in float: quantizing it would need padding that neither MLX nor mlx-lm
+    understands.
     """
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown quantization recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown quantization recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+        recipe = RECIPES[recipe]
     out = {}
     for name, shape in shapes.items():
         path = module_path(name)
         if path is None or len(shape) != 2:
             continue
-        b = bits
-        if recipe == "mixed" and path.rsplit(".", 1)[-1] in HIGH_PRECISION:
-            b = max(bits, 8)
-        if shape[1] % group_size == 0:
-            out[path] = (b, group_size)
+        b, g = bits, group_size
+        for pattern, rule_bits, rule_group in recipe:
+            if fnmatch.fnmatchcase(path, pattern):
+                b, g = rule_bits or bits, rule_group or group_size
+                break
+        if shape[1] % g == 0:
+            out[path] = (b, g)
     return out
 
 
@@ -78,6 +90,7 @@ def params_for(config_q: dict, path: str) -> Tuple[int, int]:
 #     they are *stored* (rounded to the model's dtype), not as they were computed;
 #   - in a group that contains exact zeros, they dequantize to exactly 0.
 
+BITS = (2, 3, 4, 5, 6, 8)  # what MLX's kernels take
 _MANTISSA_BITS = {"float32": 24, "float16": 11, "bfloat16": 8}  # significant bits, implicit one included
 
 
@@ -116,8 +129,8 @@ def quantize(w, group_size: int, bits: int, dtype=None) -> Tuple[mx.array, mx.ar
     ``dtype`` is the storage dtype of scales and biases (default: w's). Loads with ``mx.dequantize``
     and ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` like anything mx.quantize makes.
     """
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
     dtype = _dtype_name(dtype or w.dtype)
     w = np.array(w.astype(mx.float32) if isinstance(w, mx.array) else w, dtype=np.float32)
     rows, cols = w.shape
@@ -143,8 +156,20 @@ def quantize(w, group_size: int, bits: int, dtype=None) -> Tuple[mx.array, mx.ar
     scale = np.where(has_zero, z_scale, scale)
     bias = np.where(has_zero, -z * z_scale, bias).astype(np.float32)
 
-    q = np.clip(np.round((g - bias[..., None]) / scale[..., None]), 0, n).astype(np.uint32)
-    q = q.reshape(rows, cols // (32 // bits), 32 // bits)
-    packed = np.bitwise_or.reduce(q << (np.arange(32 // bits, dtype=np.uint32) * bits), axis=-1)
+    q = np.clip(np.round((g - bias[..., None]) / scale[..., None]), 0, n).astype(np.uint64)
     mdtype = getattr(mx, dtype)
-    return mx.array(packed.astype(np.uint32)), mx.array(scale).astype(mdtype), mx.array(bias).astype(mdtype)
+    return mx.array(_pack(q.reshape(rows, cols), bits)), mx.array(scale).astype(mdtype), mx.array(bias).astype(mdtype)
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, cols) levels -> (rows, cols * bits / 32) uint32: one little-endian bit stream per 32
+    values, lowest bits first, a value straddling two words when 32 is not a multiple of `bits`."""
+    rows, cols = q.shape
+    q = q.reshape(rows, cols // 32, 32)
+    words = np.zeros((rows, cols // 32, bits), dtype=np.uint64)
+    for j in range(32):
+        word, shift = divmod(j * bits, 32)
+        words[..., word] |= (q[..., j] << np.uint64(shift)) & np.uint64(0xFFFFFFFF)
+        if shift + bits > 32:
+            words[..., word + 1] |= q[..., j] >> np.uint64(32 - shift)
+    return words.reshape(rows, cols * bits // 32).astype(np.uint32)

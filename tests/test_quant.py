@@ -27,11 +27,12 @@ def dequant_f32(q, s, b, group_size, bits):
 
 
 def unpack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Independent unpacking of MLX's format: values packed into uint32, lowest bits first."""
-    per = 32 // bits
-    shifts = np.arange(per, dtype=np.uint32) * bits
-    vals = (q[..., None] >> shifts) & np.uint32(2**bits - 1)
-    return vals.reshape(q.shape[0], -1)
+    """Independent unpacking of MLX's format: each row one little-endian bit stream, lowest bits first."""
+    out = []
+    for row in q:
+        stream = int.from_bytes(row.astype("<u4").tobytes(), "little")
+        out.append([(stream >> (bits * j)) & (2**bits - 1) for j in range(row.size * 32 // bits)])
+    return np.array(out)
 
 
 def weights_with_edge_cases(rng, rows=48, cols=256):
@@ -47,7 +48,7 @@ def weights_with_edge_cases(rng, rows=48, cols=256):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_zeros_are_exact_and_error_is_within_half_a_step(dtype, bits, group_size):
     w = weights_with_edge_cases(np.random.default_rng(bits * 1000 + group_size))
@@ -61,7 +62,7 @@ def test_zeros_are_exact_and_error_is_within_half_a_step(dtype, bits, group_size
     assert np.all(np.abs(d - w) <= 0.5 * step * (1 + 1e-5) + 1e-7 * np.abs(w))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_packing_is_mlx_format(bits):
     rng = np.random.default_rng(bits)
     w = (rng.normal(size=(8, 64)) * 0.1).astype(np.float32)
