@@ -13,7 +13,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .cache import KVCache, make_cache
 from .config import ModelArgs
 from .rope import RoPE
 
@@ -107,7 +107,10 @@ class LlamaModel(nn.Module):
         t = h.shape[1]
         offset = cache[0].offset if cache[0] is not None else 0
         window = self.sliding_window
-        if window is not None and offset + t > window:
+        if hasattr(cache[0], "make_mask"):
+            # A rotating cache keeps only some positions, in its own order: it knows what each query sees.
+            mask = cache[0].make_mask(t, window)
+        elif window is not None and offset + t > window:
             # Mistral v0.1: keys further back than the window are hidden.
             mask = causal_mask(t, offset, window)
         elif t > 1:
@@ -137,8 +140,9 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def make_cache(self) -> list:
-        return [KVCache() for _ in self.model.layers]
+    def make_cache(self, **kwargs) -> list:
+        """One cache per layer; max_kv_size, kv_bits, kv_group_size, keep as in cache.make_cache."""
+        return make_cache(self, **kwargs)
 
     @property
     def layers(self):
