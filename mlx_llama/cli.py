@@ -121,7 +121,28 @@ def generate_args(argv=None):
     p.add_argument("--system-prompt", help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--prefill-step-size", type=_positive_int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument(
+        "--prompt-cache-file",
+        help="reuse the prompt's KV cache from this file where it matches the prompt, and save it there",
+    )
+    p.add_argument(
+        "--max-kv-size",
+        type=_positive_int,
+        help="keep at most this many positions in the KV cache (the first 4 and the most recent): bounded memory",
+    )
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache quantized to 4 or 8 bits")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64, help="KV cache quantization group")
+    p.add_argument(
+        "--memory-budget",
+        type=_non_negative,
+        metavar="GB",
+        help="refuse to start when weights + KV cache for prompt + --max-tokens would exceed this many GB",
+    )
     a = p.parse_args(argv)
+    if a.max_kv_size is not None and a.max_kv_size <= 4:
+        p.error(f"argument --max-kv-size: must exceed 4 (the first positions always kept), got {a.max_kv_size}")
+    if a.memory_budget == 0:
+        p.error("argument --memory-budget: must be > 0")
     if a.top_k < 0:
         p.error(f"argument --top-k: must be >= 0, got {a.top_k}")
     if a.repetition_penalty == 0:
@@ -147,6 +168,25 @@ def generate_main(argv=None) -> int:
         model, tokenizer = load(a.model)
         use_template = tokenizer.chat_template is not None and not a.ignore_chat_template
         ids = tokenizer.encode_chat(prompt, system_prompt=a.system_prompt, use_template=use_template)
+        kv = dict(max_kv_size=a.max_kv_size, kv_bits=a.kv_bits, kv_group_size=a.kv_group_size)
+        if a.memory_budget is not None:
+            from .memory import check_budget, estimate_bytes, model_weights_bytes
+
+            need = estimate_bytes(
+                model.args, model_weights_bytes(model), len(ids) + a.max_tokens, kv_dtype=model.compute_dtype, **kv
+            )
+            check_budget(need, a.memory_budget * 1e9)
+        cache = None
+        if a.prompt_cache_file:
+            if a.max_kv_size or a.kv_bits:
+                raise MlxLlamaError("--prompt-cache-file works with the plain KV cache only (no --max-kv-size/--kv-bits)")
+            from .prompt_cache import process_prompt_with_cache_file
+
+            cache, rest, reused = process_prompt_with_cache_file(
+                model, tokenizer, ids, a.prompt_cache_file, prefill_step_size=a.prefill_step_size
+            )
+            print(f"[prompt cache {a.prompt_cache_file}: reused {reused} of {len(ids)} prompt tokens]", file=sys.stderr)
+            ids = rest
         device = mx.default_device().type.name
         print(
             f"[{a.model}: weights stored as {_dtype_name(model.stored_dtype)}"
@@ -162,6 +202,8 @@ def generate_main(argv=None) -> int:
             sampler=make_sampler(a.temp, a.top_p, a.top_k, a.min_p),
             logits_processors=make_logits_processors(a.repetition_penalty),
             prefill_step_size=a.prefill_step_size,
+            cache=cache,
+            **kv,
         ):
             print(last.text, end="", flush=True)
         print()

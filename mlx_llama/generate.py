@@ -38,10 +38,17 @@ def generate_step(
     logits_processors: Sequence[Callable] = (),
     prefill_step_size: int = 512,
     cache: Optional[list] = None,
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
 ) -> Iterator[Tuple[int, mx.array]]:
-    """Yield (token id, logprobs over the vocabulary) for up to ``max_tokens`` new tokens."""
+    """Yield (token id, logprobs over the vocabulary) for up to ``max_tokens`` new tokens.
+
+    Without a ``cache``, one is made: bounded to ``max_kv_size`` positions and quantized to
+    ``kv_bits`` when given (see ``cache.make_cache``)."""
     sampler = sampler or make_sampler(0.0)
-    cache = cache if cache is not None else model.make_cache()
+    if cache is None:
+        cache = model.make_cache(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
     history = prompt
 
     def step(y: mx.array):
@@ -86,10 +93,15 @@ def stream_generate(
     sampler: Optional[Callable] = None,
     logits_processors: Sequence[Callable] = (),
     prefill_step_size: int = 512,
+    cache: Optional[list] = None,
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
 ) -> Iterator[GenerationResponse]:
     """Yield a ``GenerationResponse`` per generated token; stops at any EOS id or after ``max_tokens``.
 
     A string prompt is encoded as is (no chat template): use ``tokenizer.encode_chat`` for that.
+    With ``cache``, ``prompt`` is only what the cache does not hold yet; the cache is updated in place.
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise MlxLlamaError(f"max_tokens must be a positive integer, got {max_tokens!r}")
@@ -109,6 +121,10 @@ def stream_generate(
             sampler=sampler,
             logits_processors=logits_processors,
             prefill_step_size=prefill_step_size,
+            cache=cache,
+            max_kv_size=max_kv_size,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
         ),
         start=1,
     ):
