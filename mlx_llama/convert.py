@@ -57,7 +57,7 @@ def convert(
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 32,
-    q_recipe: str = "mixed",
+    q_recipe: str = "default",
     force: bool = False,
     revision: Optional[str] = None,
     max_shard_bytes: int = 5 << 30,
@@ -66,8 +66,8 @@ def convert(
     """Convert a Hugging Face Llama checkpoint (local directory or Hub repo id) to an MLX model directory.
 
     ``dtype`` casts floating weights (default: keep each tensor's stored dtype). ``quantize`` stores
-    Linear/embedding matrices at ``q_bits`` with ``q_group_size`` weights per scale; the "mixed"
-    recipe keeps the embedding and output head at 8 bits. Returns the output path.
+    Linear/embedding matrices at ``q_bits`` with ``q_group_size`` weights per scale, adjusted per
+    module by ``q_recipe`` (see ``quant.RECIPES``). Returns the output path.
     """
     if str(hf_path).lower().endswith(".gguf"):
         if dtype is not None or quantize or revision is not None:
@@ -75,8 +75,11 @@ def convert(
         return import_gguf(hf_path, mlx_path, force=force, progress=progress)
     if dtype is not None and dtype not in DTYPES:
         raise MlxLlamaError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    if quantize and (q_bits not in (4, 8) or q_group_size not in (32, 64, 128)):
-        raise MlxLlamaError(f"unsupported quantization: bits {q_bits} (4 or 8), group size {q_group_size} (32, 64, 128)")
+    if quantize and (q_bits not in (4, 8) or q_group_size not in (32, 64, 128) or q_recipe not in quant.RECIPES):
+        raise MlxLlamaError(
+            f"unsupported quantization: bits {q_bits} (4 or 8), group size {q_group_size} (32, 64, 128), "
+            f"recipe {q_recipe!r} ({', '.join(quant.RECIPES)})"
+        )
     out = Path(mlx_path).expanduser()
     check_target(out, force)
     src = resolve(hf_path, revision)

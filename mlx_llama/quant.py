@@ -8,22 +8,44 @@ The loader then quantizes exactly the modules whose ``.scales`` the weight files
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
 # Modules whose weight matrix can be quantized (the Linear layers and the embedding).
 QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
-Rule = Tuple[str, Optional[int], Optional[int]]
-# A recipe is a list of rules (module-path glob, bits, group size), the first match winning; None
-# keeps --q-bits / --q-group-size, and modules no rule matches get those too.
-RECIPES: Dict[str, List[Rule]] = {
-    "uniform": [],
+
+
+def _uniform(path: str, bits: int, group: int) -> Tuple[int, int]:
+    return bits, group
+
+
+def _mixed(path: str, bits: int, group: int) -> Tuple[int, int]:
     # The embedding is also the output head when tied: every logit passes through it. At 4 bits it
-    # is the largest single source of error on SmolLM2 (FACTS.md section 3: 4-bit g32 with an
-    # 8-bit embedding keeps the answer right, 4-bit g64 throughout does not).
-    "mixed": [("*embed_tokens", 8, None), ("lm_head", 8, None)],
+    # is the largest single source of error on SmolLM2 (bench/results/quality.md).
+    return (max(bits, 8), group) if path.endswith(("embed_tokens", "lm_head")) else (bits, group)
+
+
+def _default(path: str, bits: int, group: int) -> Tuple[int, int]:
+    # Chosen by measurement on SmolLM2 (bench/results/quality.md) under a 5 bits-per-weight budget:
+    # the embedding/head gets one more bit, paid for by coarser groups in gate_proj/up_proj, the
+    # least sensitive matrices we measured. At 8 bits there is nothing to rebalance.
+    if bits >= 8:
+        return bits, group
+    coarse = min(2 * group, 128)
+    if path.endswith(("embed_tokens", "lm_head")):
+        return bits + 1, coarse
+    if path.endswith(("gate_proj", "up_proj")):
+        return bits, coarse
+    return bits, group
+
+
+# A recipe maps (module path, --q-bits, --q-group-size) to the (bits, group size) of that module.
+RECIPES: Dict[str, Callable[[str, int, int], Tuple[int, int]]] = {
+    "default": _default,
+    "mixed": _mixed,
+    "uniform": _uniform,
 }
 
 
@@ -36,13 +58,13 @@ def module_path(weight_name: str) -> Optional[str]:
 
 
 def plan(
-    shapes: Dict[str, tuple], bits: int, group_size: int, recipe: Union[str, Sequence[Rule]] = "mixed"
+    shapes: Dict[str, tuple], bits: int, group_size: int, recipe: Union[str, Callable] = "default"
 ) -> Dict[str, Tuple[int, int]]:
     """module path -> (bits, group_size) for every tensor that will be quantized.
 
-    ``recipe`` is a name from RECIPES or a list of rules. A matrix whose input size is not a multiple
-    of its group size is left in float: quantizing it would need padding that neither MLX nor mlx-lm
-    understands.
+    ``recipe`` is a name from RECIPES or such a function. Where the recipe's group size does not
+    divide a matrix's input size, ``group_size`` is used; where that does not either, the matrix stays
+    in float: quantizing it would need padding that neither MLX nor mlx-lm understands.
     """
     if isinstance(recipe, str):
         if recipe not in RECIPES:
@@ -53,11 +75,9 @@ def plan(
         path = module_path(name)
         if path is None or len(shape) != 2:
             continue
-        b, g = bits, group_size
-        for pattern, rule_bits, rule_group in recipe:
-            if fnmatch.fnmatchcase(path, pattern):
-                b, g = rule_bits or bits, rule_group or group_size
-                break
+        b, g = recipe(path, bits, group_size)
+        if shape[1] % g:
+            g = group_size
         if shape[1] % g == 0:
             out[path] = (b, g)
     return out

@@ -96,6 +96,25 @@ def test_error_shrinks_with_bits():
     assert errs[1] < 0.05 * 6 / 15 / np.sqrt(12) * 1.5
 
 
+def test_default_recipe_rebalances_bits_at_4_and_is_uniform_at_8():
+    shapes = {
+        "model.embed_tokens.weight": (320, 128),
+        "model.layers.0.mlp.gate_proj.weight": (256, 128),
+        "model.layers.0.mlp.up_proj.weight": (256, 96),  # 64 does not divide 96: back to the base group
+        "model.layers.0.mlp.down_proj.weight": (128, 256),
+        "model.layers.0.self_attn.v_proj.weight": (64, 128),
+    }
+    assert plan(shapes, bits=4, group_size=32, recipe="default") == {
+        "model.embed_tokens": (5, 64),
+        "model.layers.0.mlp.gate_proj": (4, 64),
+        "model.layers.0.mlp.up_proj": (4, 32),
+        "model.layers.0.mlp.down_proj": (4, 32),
+        "model.layers.0.self_attn.v_proj": (4, 32),
+    }
+    at8 = plan(shapes, bits=8, group_size=64, recipe="default")
+    assert set(at8.values()) == {(8, 64)} and "model.layers.0.mlp.up_proj" not in at8  # 64 does not divide 96
+
+
 def test_group_that_does_not_divide_is_left_in_float():
     shapes = {"model.layers.0.mlp.down_proj.weight": (64, 96), "model.layers.0.mlp.up_proj.weight": (96, 64)}
     p = plan(shapes, bits=4, group_size=64, recipe="uniform")

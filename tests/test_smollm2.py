@@ -63,8 +63,12 @@ def test_8bit_answers_paris(converted):
 
 
 def test_default_4bit_recipe_answers_paris(converted):
-    """The README's main job: 4-bit, group 32, embedding (= tied output head) at 8 bits."""
+    """The README's main job: the default recipe (4-bit g32; embedding = tied head at 5-bit g64; gate/up g64)."""
     model, tokenizer = converted("q4", quantize=True)
-    assert model.args.quantization == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    q = model.args.quantization
+    assert q["bits"] == 4 and q["group_size"] == 32
+    assert q["model.embed_tokens"] == {"group_size": 64, "bits": 5}
+    assert q["model.layers.7.mlp.up_proj"] == {"group_size": 64, "bits": 4}
+    assert "model.layers.7.mlp.down_proj" not in q  # at the defaults
     _, text = answer(model, tokenizer, ROBUST_QUESTION)
     assert "Paris" in text, text
