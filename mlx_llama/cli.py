@@ -83,6 +83,7 @@ def convert_args(argv=None):
         help="default: embedding/head at --q-bits + 1 and gate/up projections at twice the group size, measured "
         "best under 5 bits/weight; mixed: embedding/head at 8 bits (best quality, larger); uniform: all alike",
     )
+    p.add_argument("--dequantize", action="store_true", help="turn a quantized MLX model directory back to float")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --mlx-path")
     return p.parse_args(argv)
 
@@ -102,6 +103,7 @@ def convert_main(argv=None) -> int:
             q_recipe=a.q_recipe,
             force=a.force,
             revision=a.revision,
+            dequantize=a.dequantize,
         )
         print(f"Wrote {out}")
 

@@ -60,6 +60,7 @@ def convert(
     q_recipe: str = "default",
     force: bool = False,
     revision: Optional[str] = None,
+    dequantize: bool = False,
     max_shard_bytes: int = 5 << 30,
     progress: bool = True,
 ) -> Path:
@@ -67,7 +68,8 @@ def convert(
 
     ``dtype`` casts floating weights (default: keep each tensor's stored dtype). ``quantize`` stores
     Linear/embedding matrices at ``q_bits`` with ``q_group_size`` weights per scale, adjusted per
-    module by ``q_recipe`` (see ``quant.RECIPES``). Returns the output path.
+    module by ``q_recipe`` (see ``quant.RECIPES``). An already quantized MLX model is dequantized back to
+    float with ``dequantize`` (or re-quantized with ``quantize``). Returns the output path.
     """
     if str(hf_path).lower().endswith(".gguf"):
         if dtype is not None or quantize or revision is not None:
@@ -96,6 +98,12 @@ def convert(
             f"{args.vocab_size} rows (config.json vocab_size): ids past the table would crash generation"
         )
     weights = sanitize(meta_weights(src, config) if meta else open_weights(src), args)
+    if args.quantization:  # an MLX model directory (ours or mlx-lm's) that is already quantized
+        if not (dequantize or quantize):
+            raise MlxLlamaError(f"{src}: already quantized; pass --dequantize for float weights (or -q to re-quantize)")
+        weights = dequantized(weights, args.quantization)
+        config.pop("quantization")
+        config.pop("quantization_config", None)
     check_weights(expected_shapes(args), {k: v.shape for k, v in weights.items()}, str(src))
 
     qplan = quant.plan({k: v.shape for k, v in weights.items()}, q_bits, q_group_size, q_recipe) if quantize else {}
@@ -111,6 +119,18 @@ def convert(
     return write_model_dir(
         out, config, groups, files=files, total=len(weights), max_shard_bytes=max_shard_bytes, progress=progress
     )
+
+
+def dequantized(weights: dict, qconfig: dict) -> dict:
+    """Quantized (weight, scales, biases) triples -> float matrices in the scales' dtype (lazily)."""
+    out = {k: v for k, v in weights.items() if not k.endswith((".scales", ".biases"))}
+    for name in list(out):
+        path = name[: -len(".weight")]
+        if name.endswith(".weight") and f"{path}.scales" in weights:
+            bits, group = quant.params_for(qconfig, path)
+            scales, biases = weights[f"{path}.scales"], weights[f"{path}.biases"]
+            out[name] = mx.dequantize(out[name], scales, biases, group_size=group, bits=bits)
+    return out
 
 
 def _convert_tensor(name: str, w: mx.array, qplan: dict, dtype: Optional[str]) -> dict:

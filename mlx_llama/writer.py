@@ -5,6 +5,7 @@ that looks like a model, and ``--force`` removes the old directory only after th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +39,10 @@ def write_model_dir(
     holds at most one shard) and ``files`` (name -> source path, copied) as the directory ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    # mkdtemp makes the directory private (0700); the finished model should have the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         groups = tqdm(tensor_groups, total=total, desc="converting", unit="tensor", disable=not progress)
         _write_shards(tmp, groups, max_shard_bytes)

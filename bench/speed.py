@@ -1,0 +1,206 @@
+"""Generation speed and memory, ours against mlx-lm, on the same converted SmolLM2 directories.
+
+    python bench/speed.py                          # full table: 5 models x 2 prompt lengths, 3 rounds
+    python bench/speed.py --models float32 4bit --prompt-lengths 128 --rounds 2
+
+mlx-lm is installed into its own virtual environment (bench/.venv-mlxlm, made on first use) with
+the same mlx version as ours. Every measurement is a fresh process (so peak memory is that run's
+alone) and the two engines alternate, round after round, so drift in the machine's speed hits both;
+the table shows medians and the ratios ours / mlx-lm. Both engines get the same token ids, greedy,
+with end-of-sequence ignored so that every run generates exactly --gen-tokens tokens.
+On Linux, OpenBLAS is preloaded for both engines when installed (Debian: libopenblas0-pthread):
+MLX's Linux wheel links the reference BLAS, under which a 1024-token prompt takes minutes.
+Results: bench/results/speed.md (+ .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+MODELS = {  # name -> convert() keyword arguments
+    "float32": dict(dtype="float32"),
+    "float16": dict(dtype="float16"),
+    "bfloat16": dict(dtype="bfloat16"),
+    "8bit": dict(quantize=True, q_bits=8, q_group_size=64, q_recipe="uniform"),
+    "4bit": dict(quantize=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one measurement each, printed as one JSON line. They run in the engine's own Python.
+
+
+def worker_ours(model_dir: str, ids: list, gen: int) -> dict:
+    import mlx.core as mx
+
+    from mlx_llama import load, stream_generate
+
+    model, tokenizer = load(model_dir)
+    tokenizer.eos_token_ids = set()
+    tic = time.perf_counter()
+    ttft = None
+    for r in stream_generate(model, tokenizer, ids, max_tokens=gen):
+        if ttft is None:
+            ttft = time.perf_counter() - tic
+    return dict(prompt_tps=r.prompt_tps, generation_tps=r.generation_tps, ttft=ttft,
+                peak_gb=mx.get_peak_memory() / 1e9, tokens=r.generation_tokens, compute=str(model.compute_dtype))
+
+
+def worker_mlxlm(model_dir: str, ids: list, gen: int) -> dict:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+
+    model, tokenizer = load(model_dir)
+    tokenizer._eos_token_ids = set()  # generate exactly `gen` tokens, as ours does
+    tic = time.perf_counter()
+    ttft = None
+    for r in stream_generate(model, tokenizer, ids, max_tokens=gen):
+        if ttft is None:
+            ttft = time.perf_counter() - tic
+    return dict(prompt_tps=r.prompt_tps, generation_tps=r.generation_tps, ttft=ttft,
+                peak_gb=mx.get_peak_memory() / 1e9, tokens=r.generation_tokens, compute="stored dtype")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def mlxlm_python() -> Path:
+    venv = HERE / ".venv-mlxlm"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        import mlx.core as mx
+
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        mlx_req = f"mlx[cpu]=={mx.__version__}" if sys.platform == "linux" else f"mlx=={mx.__version__}"
+        subprocess.run([str(py), "-m", "pip", "install", "-q", mlx_req, "mlx-lm"], check=True)
+    return py
+
+
+def run_worker(python: Path, engine: str, model_dir: Path, ids_file: Path, gen: int, timeout: int) -> dict:
+    env = dict(os.environ)
+    if sys.platform == "linux" and os.path.exists(OPENBLAS):
+        env["LD_PRELOAD"] = OPENBLAS
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", engine, str(model_dir), str(ids_file), str(gen)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout} s")
+    if proc.returncode != 0:
+        return dict(error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--prompt-lengths", nargs="+", type=int, default=[128, 1024])
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per measurement before giving up")
+    ap.add_argument("--work", default=str(HERE / ".work"), help="where converted models are kept")
+    ap.add_argument("--out", default=str(HERE / "results" / "speed.md"))
+    args = ap.parse_args()
+
+    from mlx_llama import convert
+    from mlx_llama.evaluate import default_eval_text
+    from mlx_llama.smollm2 import smollm2_hf_dir
+    from mlx_llama.tokenizer import load_tokenizer
+
+    hf = smollm2_hf_dir()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dirs = {}
+    for name in args.models:
+        dirs[name] = work / f"smollm2-{name}"
+        if not (dirs[name] / "config.json").exists():
+            convert(str(hf), str(dirs[name]), force=True, progress=False, **MODELS[name])
+    tokenizer = load_tokenizer(hf)
+    text_ids = tokenizer.encode(default_eval_text()[0], add_bos=False)
+    prompts = {}
+    for n in args.prompt_lengths:
+        prompts[n] = work / f"prompt-{n}.json"
+        prompts[n].write_text(json.dumps(text_ids[:n]))
+
+    engines = {"ours": Path(sys.executable), "mlx-lm": mlxlm_python()}
+    results = []
+    for name in args.models:
+        for n in args.prompt_lengths:
+            runs = {e: [] for e in engines}
+            for rnd in range(args.rounds):
+                order = list(engines) if rnd % 2 == 0 else list(engines)[::-1]  # alternate who goes first
+                for e in order:
+                    r = run_worker(engines[e], e, dirs[name], prompts[n], args.gen_tokens, args.timeout)
+                    runs[e].append(r)
+                    print(json.dumps(dict(model=name, prompt=n, engine=e, round=rnd, **r)), flush=True)
+            results.append(dict(model=name, prompt=n, runs=runs))
+    write_table(Path(args.out), results, args)
+
+
+def median(runs, key):
+    vals = [r[key] for r in runs if key in r]
+    return statistics.median(vals) if vals else None
+
+
+def write_table(path: Path, results: list, args) -> None:
+    import mlx.core as mx
+
+    def fmt(v, spec):
+        return "—" if v is None else format(v, spec)
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    lines = [
+        "# Speed and memory: mlx-llama against mlx-lm",
+        "",
+        f"Written by `python bench/speed.py` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, mlx {mx.__version__}, "
+        f"device {mx.default_device()}, OpenBLAS preloaded: {sys.platform == 'linux' and os.path.exists(OPENBLAS)}.",
+        f"SmolLM2-135M-Instruct, greedy, {args.gen_tokens} generated tokens, medians of {args.rounds} alternating "
+        "rounds, each a fresh process. Ratios are ours / mlx-lm: above 1 is better for tokens/s, below 1 for "
+        "time to first token and memory.",
+        "",
+        "| model | prompt | prompt tok/s ours | mlx-lm | ratio | gen tok/s ours | mlx-lm | ratio "
+        "| TTFT s ours | mlx-lm | peak GB ours | mlx-lm | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        o, m = r["runs"]["ours"], r["runs"]["mlx-lm"]
+        p_o, p_m = median(o, "prompt_tps"), median(m, "prompt_tps")
+        g_o, g_m = median(o, "generation_tps"), median(m, "generation_tps")
+        t_o, t_m = median(o, "ttft"), median(m, "ttft")
+        k_o, k_m = median(o, "peak_gb"), median(m, "peak_gb")
+        lines.append(
+            f"| {r['model']} | {r['prompt']} | {fmt(p_o, '.1f')} | {fmt(p_m, '.1f')} | {fmt(ratio(p_o, p_m), '.2f')} "
+            f"| {fmt(g_o, '.1f')} | {fmt(g_m, '.1f')} | {fmt(ratio(g_o, g_m), '.2f')} | {fmt(t_o, '.2f')} "
+            f"| {fmt(t_m, '.2f')} | {fmt(k_o, '.3f')} | {fmt(k_m, '.3f')} | {fmt(ratio(k_o, k_m), '.2f')} |"
+        )
+        errors = {e: x["error"] for e, runs in r["runs"].items() for x in runs if "error" in x}
+        for e, err in errors.items():
+            lines.append(f"|  | | {e}: {err} | | | | | | | | | | |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        engine, model_dir, ids_file, gen = sys.argv[2:6]
+        ids = json.loads(Path(ids_file).read_text())
+        fn = worker_ours if engine == "ours" else worker_mlxlm
+        print(json.dumps(fn(model_dir, ids, int(gen))))
+    else:
+        main()
