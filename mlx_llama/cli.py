@@ -4,6 +4,8 @@ library functions. User mistakes end in one line on stderr and a non-zero exit."
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import warnings
 
@@ -22,10 +24,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
+def _terminate(signum, frame):
+    # SIGTERM unwinds like Ctrl-C, so half-written output is removed on the way out.
+    raise KeyboardInterrupt
+
+
 def _run(main, argv) -> int:
     warnings.showwarning = _show_warning
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(argv) or 0
+    except BrokenPipeError:  # `generate.py ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MlxLlamaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -67,6 +78,31 @@ def _non_negative(s: str) -> float:
     return v
 
 
+def _positive(s: str) -> float:
+    v = _non_negative(s)
+    if v == 0:
+        raise argparse.ArgumentTypeError("must be a finite number > 0, got 0")
+    return v
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2^64 - 1, got {v}")
+    return v
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MlxLlamaError(f"standard input is not UTF-8 text (byte {e.start})") from None
+
+
 def convert_args(argv=None):
     p = _Parser(prog="convert.py", description="Convert a Hugging Face Llama checkpoint to an MLX model directory.")
     p.add_argument("--hf-path", required=True, help="local Hugging Face model directory, Hub repo id (ORG/NAME), or a .gguf file (imported as stored)")
@@ -74,18 +110,22 @@ def convert_args(argv=None):
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) when --hf-path is a repo id")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast floating weights (default: keep)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and embedding weights")
-    p.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="bits per weight (default: 4)")
-    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=32, help="weights per scale (default: 32)")
+    p.add_argument("--q-bits", type=int, choices=[4, 8], help="bits per weight (default: 4)")
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], help="weights per scale (default: 32)")
     p.add_argument(
         "--q-recipe",
         choices=["default", "mixed", "uniform"],
-        default="default",
         help="default: embedding/head at --q-bits + 1 and gate/up projections at twice the group size, measured "
         "best under 5 bits/weight; mixed: embedding/head at 8 bits (best quality, larger); uniform: all alike",
     )
     p.add_argument("--dequantize", action="store_true", help="turn a quantized MLX model directory back to float")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --mlx-path")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    given = [f for f, v in (("--q-bits", a.q_bits), ("--q-group-size", a.q_group_size), ("--q-recipe", a.q_recipe)) if v]
+    if given and not a.quantize:
+        p.error(f"{given[0]} needs -q/--quantize")
+    a.q_bits, a.q_group_size, a.q_recipe = a.q_bits or 4, a.q_group_size or 32, a.q_recipe or "default"
+    return a
 
 
 def convert_main(argv=None) -> int:
@@ -119,8 +159,8 @@ def generate_args(argv=None):
     p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (default: 1, off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
     p.add_argument("--min-p", type=_probability, default=0.0, help="drop tokens below min-p x the top probability")
-    p.add_argument("--repetition-penalty", type=_non_negative, default=1.0, help="> 1 discourages repeats (default: 1)")
-    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--repetition-penalty", type=_positive, default=1.0, help="> 1 discourages repeats (default: 1)")
+    p.add_argument("--seed", type=_seed, help="random seed, for reproducible sampling")
     p.add_argument("--system-prompt", help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--prefill-step-size", type=_positive_int, default=512, help="prompt tokens per prefill chunk")
@@ -148,15 +188,13 @@ def generate_args(argv=None):
         p.error("argument --memory-budget: must be > 0")
     if a.top_k < 0:
         p.error(f"argument --top-k: must be >= 0, got {a.top_k}")
-    if a.repetition_penalty == 0:
-        p.error("argument --repetition-penalty: must be > 0")
     return a
 
 
 def generate_main(argv=None) -> int:
     def main(argv):
         a = generate_args(argv)
-        prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+        prompt = _read_stdin() if a.prompt == "-" else a.prompt
         if not prompt.strip():
             raise MlxLlamaError("the prompt is empty")
 
@@ -171,6 +209,11 @@ def generate_main(argv=None) -> int:
         model, tokenizer = load(a.model)
         use_template = tokenizer.chat_template is not None and not a.ignore_chat_template
         ids = tokenizer.encode_chat(prompt, system_prompt=a.system_prompt, use_template=use_template)
+        if len(ids) + a.max_tokens > model.args.max_position_embeddings:
+            warnings.warn(
+                f"prompt ({len(ids)} tokens) + --max-tokens {a.max_tokens} exceed the model's context of "
+                f"{model.args.max_position_embeddings} positions: expect degraded text past it"
+            )
         kv = dict(max_kv_size=a.max_kv_size, kv_bits=a.kv_bits, kv_group_size=a.kv_group_size)
         if a.memory_budget is not None:
             from .memory import check_budget, estimate_bytes, model_weights_bytes

@@ -22,6 +22,8 @@ class ConfigError(MlxLlamaError):
 
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUPS = (32, 64, 128)
 # rope_scaling types we implement. Anything else is refused rather than silently ignored:
 # a wrong RoPE gives a model that runs and talks nonsense.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -52,6 +54,7 @@ class ModelArgs:
     # Mistral v0.1 attends only to the last `sliding_window` positions; null for Llama.
     sliding_window: Optional[int] = None
     quantization: Optional[dict] = None
+    hidden_act: str = "silu"
 
     REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -91,7 +94,8 @@ class ModelArgs:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and _is_pos_int(self.num_attention_heads) and _is_int(self.hidden_size):
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.hidden_size % self.num_attention_heads == 0:
+                self.head_dim = self.hidden_size // self.num_attention_heads
 
     def validate(self, source: str = "config.json") -> None:
         def bad(name, why):
@@ -102,9 +106,16 @@ class ModelArgs:
                 f"{source}: model_type {self.model_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        if self.head_dim is None and _is_pos_int(self.hidden_size) and _is_pos_int(self.num_attention_heads):
+            bad("hidden_size", f"is not a multiple of num_attention_heads = {self.num_attention_heads} (and no head_dim)")
         for name in (*self.REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if not _is_pos_int(getattr(self, name)):
                 bad(name, "must be a positive integer")
+            if getattr(self, name) >= 2**31:
+                bad(name, "is implausibly large (2^31 or more)")
+        if self.hidden_act not in ("silu", "swish"):
+            bad("hidden_act", "is not supported: Llama's MLP uses silu")
+        self._validate_quantization(source)
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_attention_heads", f"is not a multiple of num_key_value_heads = {self.num_key_value_heads}")
         if self.head_dim % 2:
@@ -122,6 +133,24 @@ class ModelArgs:
             bad("eos_token_id", "must be a token id or a list of token ids")
         if self.sliding_window is not None and not _is_pos_int(self.sliding_window):
             bad("sliding_window", "must be a positive integer or null")
+
+    def _validate_quantization(self, source: str) -> None:
+        """The "quantization" object of a converted model: defaults plus per-module overrides."""
+        q = self.quantization
+        if q is None:
+            return
+
+        def ok(entry):
+            return (isinstance(entry, dict) and entry.get("bits") in QUANT_BITS
+                    and entry.get("group_size") in QUANT_GROUPS)
+
+        if not ok(q):
+            raise ConfigError(
+                f"{source}: quantization = {q!r} needs bits in {QUANT_BITS} and group_size in {QUANT_GROUPS}"
+            )
+        for path, entry in q.items():
+            if path not in ("bits", "group_size", "mode") and not (entry is False or ok(entry)):
+                raise ConfigError(f"{source}: quantization[{path!r}] = {entry!r} is not a valid override")
 
     def _validate_rope_scaling(self, source: str) -> None:
         rs = self.rope_scaling

@@ -36,9 +36,10 @@ class ConversionWarning(UserWarning):
     """Something in the checkpoint that converts but is probably wrong (NaN/Inf, float16 overflow)."""
 
 
-def expected_shapes(args: ModelArgs) -> dict:
-    """Parameter name -> shape for this config. The random init is lazy, so this allocates nothing."""
-    return {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}
+def expected_params(args: ModelArgs) -> dict:
+    """Parameter name -> (lazy) array for this config. The random init is never evaluated, so this
+    allocates nothing; only shapes and dtypes are read."""
+    return dict(tree_flatten(Model(args).parameters()))
 
 
 def sanitize(weights: dict, args: ModelArgs) -> dict:
@@ -104,11 +105,19 @@ def convert(
         weights = dequantized(weights, args.quantization)
         config.pop("quantization")
         config.pop("quantization_config", None)
-    check_weights(expected_shapes(args), {k: v.shape for k, v in weights.items()}, str(src))
+    check_weights(expected_params(args), weights, str(src))
 
     qplan = quant.plan({k: v.shape for k, v in weights.items()}, q_bits, q_group_size, q_recipe) if quantize else {}
     if quantize:
         config["quantization"] = quant.config_entry(qplan, q_bits, q_group_size)
+        left = sorted(quant.module_path(k) for k, v in weights.items() if quant.module_path(k) and v.ndim == 2)
+        left = [p for p in left if p not in qplan]
+        if left:
+            warnings.warn(
+                f"{len(left)} matrices stay in float: their input size is not a multiple of the group size "
+                f"(e.g. {left[0]}, {weights[left[0] + '.weight'].shape[1]} inputs); try a smaller --q-group-size",
+                ConversionWarning,
+            )
     else:
         config.pop("quantization", None)
     if dtype is not None:

@@ -108,6 +108,10 @@ def stream_generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids or (isinstance(prompt, str) and not prompt.strip()):
         raise MlxLlamaError("the prompt is empty")
+    vocab = model.args.vocab_size
+    bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < vocab), None)
+    if bad is not None:  # an id past the embedding table would read out of bounds
+        raise MlxLlamaError(f"prompt token id {bad!r} is outside the model's vocabulary (0..{vocab - 1})")
     detok = tokenizer.detokenizer()
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -167,8 +171,10 @@ def generate(model, tokenizer, prompt: Union[str, List[int]], *, verbose: bool =
 
 
 def format_stats(r: GenerationResponse) -> str:
+    # A single token's time is the prompt's (prefill includes its step): no generation rate to give.
+    rate = f"{r.generation_tps:.1f} tokens/s" if r.generation_tokens > 1 else "rate n/a for a single token"
     return (
         f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s\n"
-        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
+        f"Generation: {r.generation_tokens} tokens, {rate}\n"
         f"Peak memory: {r.peak_memory_gb:.3f} GB"
     )

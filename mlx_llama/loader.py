@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import quant
 from .config import ModelArgs
+from .errors import MlxLlamaError
 from .hub import resolve
 from .model import Model
 from .tokenizer import Tokenizer, load_tokenizer
@@ -39,9 +40,7 @@ def load_model(model_dir: Path, compute_dtype: Optional[mx.Dtype] = None) -> Mod
             return {"bits": bits, "group_size": group_size}
 
         nn.quantize(model, class_predicate=predicate)
-    check_weights(
-        {k: v.shape for k, v in tree_flatten(model.parameters())}, {k: v.shape for k, v in weights.items()}, str(model_dir)
-    )
+    check_weights(dict(tree_flatten(model.parameters())), weights, str(model_dir))
     model.load_weights(list(weights.items()), strict=True)
 
     stored = _stored_float_dtype(weights)
@@ -58,6 +57,11 @@ def load(path_or_repo: str, revision: Optional[str] = None) -> Tuple[Model, Toke
     model_dir = resolve(path_or_repo, revision)
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir, model.args.eos_token_ids)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise MlxLlamaError(
+            f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+            f"{model.args.vocab_size} rows: ids past the table cannot be looked up"
+        )
     return model, tokenizer
 
 

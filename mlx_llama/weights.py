@@ -78,10 +78,17 @@ def weight_files(model_dir: Path) -> Dict[str, Path]:
     index = model_dir / INDEX_FILE
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: model_dir / fname for name, fname in weight_map.items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise WeightsError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            data = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{index}: not valid JSON ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise WeightsError(f"{index}: not a valid safetensors index (no weight_map of file names)")
+        for fname in set(weight_map.values()):
+            # Shards are files beside the index; never follow a name out of the model directory.
+            if Path(fname).name != fname or fname in ("", ".", ".."):
+                raise WeightsError(f"{index}: shard name {fname!r} is not a file in the model directory")
+        return {name: model_dir / fname for name, fname in weight_map.items()}
     single = model_dir / SINGLE_FILE
     if single.exists():
         return {name: single for name in read_safetensors_header(single)}
@@ -119,16 +126,20 @@ def open_weights(model_dir: Path) -> Dict[str, mx.array]:
     return out
 
 
-def check_weights(expected: Dict[str, tuple], found: Dict[str, tuple], source: str) -> None:
-    """Strict comparison of a model's parameter shapes with a checkpoint's: every weight present,
-    nothing unexpected, every shape equal. The first problem is reported by name."""
+def check_weights(expected: Dict[str, mx.array], found: Dict[str, mx.array], source: str) -> None:
+    """Strict comparison of a model's parameters with a checkpoint's tensors: every weight present,
+    nothing unexpected, every shape equal, floats where floats belong (an integer tensor would be
+    cast silently). The first problem is reported by name. Only shapes and dtypes are read."""
     for name in sorted(expected):
         if name not in found:
             raise WeightsError(f"{source}: missing weight {name!r}")
     for name in sorted(found):
         if name not in expected:
             raise WeightsError(f"{source}: unexpected weight {name!r} (not part of this model)")
-        if tuple(found[name]) != tuple(expected[name]):
+        if tuple(found[name].shape) != tuple(expected[name].shape):
             raise WeightsError(
-                f"{source}: weight {name!r} has shape {list(found[name])}, the config implies {list(expected[name])}"
+                f"{source}: weight {name!r} has shape {list(found[name].shape)}, "
+                f"the config implies {list(expected[name].shape)}"
             )
+        if mx.issubdtype(expected[name].dtype, mx.floating) != mx.issubdtype(found[name].dtype, mx.floating):
+            raise WeightsError(f"{source}: weight {name!r} is stored as {found[name].dtype}, not a floating type")

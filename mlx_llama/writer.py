@@ -19,10 +19,23 @@ from .weights import INDEX_FILE, SINGLE_FILE
 
 
 def check_target(out: Path, force: bool) -> None:
-    """Refuse to overwrite a non-empty output unless forced. Call before any expensive work."""
-    if out.exists() and not force:
-        if out.is_file() or any(out.iterdir()):
+    """Refuse to overwrite a non-empty output unless forced, and even then anything that is not a
+    model directory. Call before any expensive work."""
+    if str(out) in ("", "."):
+        raise MlxLlamaError("the output path is empty or the current directory")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise MlxLlamaError(f"{out}: refusing to write over the current directory or one above it")
+    if out.is_file():
+        raise MlxLlamaError(f"{out}: is a file, not a model directory")
+    if out.exists() and any(out.iterdir()):
+        if not force:
             raise MlxLlamaError(f"{out}: already exists and is not empty (use --force to replace it)")
+        if not (out / "config.json").exists():
+            # --force replaces models, not whatever directory a typo pointed at.
+            raise MlxLlamaError(f"{out}: not a model directory (no config.json); refusing to replace it")
+    if out.parent.exists() and not os.access(out.parent, os.W_OK):
+        raise MlxLlamaError(f"{out.parent}: not writable")
 
 
 def write_model_dir(
@@ -45,7 +58,10 @@ def write_model_dir(
     os.chmod(tmp, 0o777 & ~umask)
     try:
         groups = tqdm(tensor_groups, total=total, desc="converting", unit="tensor", disable=not progress)
-        _write_shards(tmp, groups, max_shard_bytes)
+        try:
+            _write_shards(tmp, groups, max_shard_bytes)
+        except RuntimeError as e:  # mlx reports a full disk or an I/O error this way
+            raise MlxLlamaError(f"{out}: cannot write the weights ({e})") from None
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -4,6 +4,7 @@ ending in one line on stderr, a non-zero exit, no traceback and no output direct
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -116,10 +117,42 @@ def test_convert_refuses_existing_output(tiny_mlx, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert_user_error(run("convert.py", "--hf-path", str(hf), "--mlx-path", str(out)), "already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces a model directory, never a directory of something else.
+    assert_user_error(run("convert.py", "--hf-path", str(hf), "--mlx-path", str(out), "--force"), "not a model")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "config.json").write_text("{}")  # an (old, broken) model: that may go
     proc = run("convert.py", "--hf-path", str(hf), "--mlx-path", str(out), "--force")
     assert proc.returncode == 0, proc.stderr
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert oct((out).stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--q-bits", "8"], ["--q-bits", "-q"]),
+        (["--mlx-path", "."], ["current directory"]),
+    ],
+)
+def test_convert_refuses_confusing_options(tiny_mlx, tmp_path, args, words):
+    hf, _ = tiny_mlx
+    argv = ["--hf-path", str(hf), "--mlx-path", str(tmp_path / "o"), *args]
+    assert_user_error(run("convert.py", *argv, "--force"), *words)
+
+
+def test_group_size_that_leaves_layers_in_float_warns(tiny_mlx, tmp_path):
+    hf, _ = tiny_mlx  # hidden 64: a group of 128 fits no matrix of this model
+    proc = run("convert.py", "--hf-path", str(hf), "--mlx-path", str(tmp_path / "o"), "-q", "--q-group-size", "128")
+    assert proc.returncode == 0, proc.stderr
+    warns = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warns) == 1 and "stay in float" in warns[0] and "--q-group-size" in warns[0]
 
 
 def test_missing_paths(tmp_path):
@@ -142,11 +175,22 @@ def test_generate_directory_without_model(tmp_path):
         (["--prompt", "hi", "--max-tokens", "-3"], ["--max-tokens"]),
         (["--prompt", "hi", "--temp", "-1"], ["--temp"]),
         (["--prompt", "hi", "--top-p", "1.5"], ["--top-p"]),
+        (["--prompt", "hi", "--seed", "-1"], ["--seed"]),
+        (["--prompt", "hi", "--repetition-penalty", "0"], ["--repetition-penalty", "> 0"]),
     ],
 )
 def test_generate_refuses_bad_options(tiny_mlx, args, words):
     _, mlx = tiny_mlx
     assert_user_error(run("generate.py", "--model", str(mlx), *args), *words)
+
+
+def test_stdin_that_is_not_utf8_is_refused(tiny_mlx):
+    _, mlx = tiny_mlx
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), "--model", str(mlx), "--prompt", "-"],
+        input=b"\xff\xfe bad", capture_output=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 1 and b"UTF-8" in proc.stderr and b"Traceback" not in proc.stderr
 
 
 def test_prompt_from_stdin(tiny_mlx):

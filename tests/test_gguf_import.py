@@ -300,8 +300,11 @@ def test_refuses_to_overwrite(tmp_path):
     with pytest.raises(MlxLlamaError, match="already exists"):
         import_gguf(tmp_path / "tiny.gguf", tmp_path / "taken", progress=False)
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
-    with pytest.raises(MlxLlamaError, match="overwrite the input"):
+    with pytest.raises(MlxLlamaError, match="overwrite the input|not a model directory"):
         import_gguf(tmp_path / "tiny.gguf", tmp_path, force=True, progress=False)
+    with pytest.raises(MlxLlamaError, match="not a model directory"):  # --force replaces models only
+        import_gguf(tmp_path / "tiny.gguf", tmp_path / "taken", force=True, progress=False)
+    (tmp_path / "taken" / "config.json").write_text("{}")
     out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "taken", force=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "tiny.gguf"]  # no temporary left
