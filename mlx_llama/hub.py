@@ -25,6 +25,8 @@ ALLOW_PATTERNS = [
     "chat_template.jinja",
     "chat_template.json",
 ]
+# Taken only when a repo has no safetensors: pickled PyTorch weights (read without running pickle code).
+TORCH_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -39,7 +41,10 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        path = Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        if not any(path.glob("*.safetensors")):  # safetensors preferred; .bin only when there are none
+            path = Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=TORCH_PATTERNS))
+        return path
     except Exception as e:  # huggingface_hub raises many types (offline, 404, auth, network)
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MlxLlamaError(

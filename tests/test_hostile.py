@@ -275,3 +275,27 @@ def test_float16_overflow_warns_naming_the_tensor(tmp_path):
     proc = convert_cli(src, tmp_path / "out2")
     assert proc.returncode == 0 and "warning:" not in proc.stderr
 
+
+
+def test_stray_safetensors_beside_an_index_is_not_merged(tmp_path):
+    """Only the files the index names are read: an extra (say, half-downloaded) file is ignored."""
+    config = tiny_config()
+    src = write_hf_checkpoint(tmp_path / "hf", config, random_weights(config), shards=2)
+    (src / "model-stray.safetensors").write_bytes(b"\x00" * 64)  # would be refused if it were read
+    (src / "consolidated.safetensors").write_bytes((src / "model-00001-of-00002.safetensors").read_bytes())
+    proc = convert_cli(src, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bf16_stays_bit_identical_by_default(tmp_path):
+    import mlx.core as mx
+
+    config = tiny_config()
+    src = write_hf_checkpoint(tmp_path / "hf", config, random_weights(config), dtype="bfloat16")
+    assert convert_cli(src, tmp_path / "out").returncode == 0
+    before = mx.load(str(src / "model.safetensors"))
+    after = mx.load(str(tmp_path / "out" / "model.safetensors"))
+    assert set(before) == set(after)
+    for name, w in before.items():
+        assert after[name].dtype == mx.bfloat16
+        assert mx.array_equal(after[name].view(mx.uint16), w.view(mx.uint16)).item(), name

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 try:
@@ -91,6 +92,26 @@ def test_unknown_repo_offline_is_one_line(hub, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "nobody/nothing" in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_a_repo_with_only_pickled_weights_converts(tmp_path):
+    """No safetensors in the repo: the .bin weights are taken (and read without torch)."""
+    import mlx.core as mx
+
+    try:
+        from .test_torch_pickle import write_torch_file
+    except ImportError:
+        from test_torch_pickle import write_torch_file
+    config = tiny_config()
+    src = write_hf_checkpoint(tmp_path / "hf", config, random_weights(config, seed=5))
+    tensors = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
+    (src / "model.safetensors").unlink()
+    write_torch_file(src / "pytorch_model.bin", tensors)
+    home = tmp_path / "home"
+    add_snapshot(home, "old-org/bin-only", COMMIT_A, {p.name: p for p in src.iterdir()}, ref="main")
+    proc = run(home, "convert.py", "--hf-path", "old-org/bin-only", "--mlx-path", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_download_patterns_take_only_what_a_conversion_needs():
