@@ -124,7 +124,8 @@ def convert(
         config["torch_dtype"] = dtype
 
     files = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
-    groups = (_convert_tensor(name, weights[name], qplan, dtype) for name in sorted(weights))
+    # pop: once written, a source tensor is dropped, so memory never holds the whole checkpoint.
+    groups = (_convert_tensor(name, weights.pop(name), qplan, dtype) for name in sorted(weights))
     return write_model_dir(
         out, config, groups, files=files, total=len(weights), max_shard_bytes=max_shard_bytes, progress=progress
     )

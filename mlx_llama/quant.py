@@ -152,10 +152,19 @@ def quantize(w, group_size: int, bits: int, dtype=None) -> Tuple[mx.array, mx.ar
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     dtype = _dtype_name(dtype or w.dtype)
-    w = np.array(w.astype(mx.float32) if isinstance(w, mx.array) else w, dtype=np.float32)
     rows, cols = w.shape
     if cols % group_size:
         raise ValueError(f"input size {cols} is not a multiple of the group size {group_size}")
+    # Blocks of rows keep the numpy temporaries small (an embedding is often the largest matrix).
+    step = max(1, (1 << 21) // cols)
+    parts = [_quantize_rows(w[i : i + step], group_size, bits, dtype) for i in range(0, rows, step)]
+    mdtype = getattr(mx, dtype)
+    return tuple(mx.concatenate([p[k] for p in parts]).astype(mdtype if k else mx.uint32) for k in range(3))
+
+
+def _quantize_rows(w, group_size: int, bits: int, dtype: str):
+    w = np.array(w.astype(mx.float32) if isinstance(w, mx.array) else w, dtype=np.float32)
+    rows, cols = w.shape
     n = 2**bits - 1
     g = w.reshape(rows, cols // group_size, group_size)
     lo, hi = g.min(-1), g.max(-1)
@@ -177,8 +186,7 @@ def quantize(w, group_size: int, bits: int, dtype=None) -> Tuple[mx.array, mx.ar
     bias = np.where(has_zero, -z * z_scale, bias).astype(np.float32)
 
     q = np.clip(np.round((g - bias[..., None]) / scale[..., None]), 0, n).astype(np.uint64)
-    mdtype = getattr(mx, dtype)
-    return mx.array(_pack(q.reshape(rows, cols), bits)), mx.array(scale).astype(mdtype), mx.array(bias).astype(mdtype)
+    return mx.array(_pack(q.reshape(rows, cols), bits)), mx.array(scale), mx.array(bias)
 
 
 def _pack(q: np.ndarray, bits: int) -> np.ndarray:

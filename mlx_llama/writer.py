@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import mlx.core as mx
+import numpy as np
 from tqdm import tqdm
 
 from .errors import MlxLlamaError
@@ -60,8 +62,8 @@ def write_model_dir(
         groups = tqdm(tensor_groups, total=total, desc="converting", unit="tensor", disable=not progress)
         try:
             _write_shards(tmp, groups, max_shard_bytes)
-        except RuntimeError as e:  # mlx reports a full disk or an I/O error this way
-            raise MlxLlamaError(f"{out}: cannot write the weights ({e})") from None
+        except OSError as e:  # a full disk, an I/O error
+            raise MlxLlamaError(f"{out}: cannot write the weights ({e.strerror or e})") from None
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -72,24 +74,55 @@ def write_model_dir(
     return out
 
 
+_ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32",
+              mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.int64: "I64", mx.bool_: "BOOL"}
+
+
+class _ShardFile:
+    """A safetensors file written tensor by tensor: each tensor's bytes go to a spill file as soon as it
+    is computed (then it can be freed), and ``close`` writes the header followed by the spilled data.
+    Memory holds one tensor at a time instead of a whole shard; disk briefly holds the shard twice."""
+
+    def __init__(self, path: Path):
+        self.path, self.entries, self.nbytes = path, {}, 0
+        self._spill = open(path.with_suffix(".spill"), "wb")
+
+    def add(self, name: str, t: mx.array) -> None:
+        mx.eval(t)
+        # numpy has no bfloat16: write its bits as uint16, which is the same bytes.
+        data = np.array(t.view(mx.uint16) if t.dtype == mx.bfloat16 else t, copy=False)
+        self._spill.write(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.nbytes, self.nbytes + t.nbytes]}
+        self.nbytes += t.nbytes
+
+    def close(self) -> None:
+        self._spill.close()
+        header = json.dumps({"__metadata__": {"format": "mlx"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned
+        spill = self.path.with_suffix(".spill")
+        with open(self.path, "wb") as f, open(spill, "rb") as src:
+            f.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(src, f, 16 << 20)
+        spill.unlink()
+
+
 def _write_shards(tmp: Path, groups: Iterable[Dict[str, mx.array]], max_shard_bytes: int) -> None:
-    shards, shard, shard_bytes = [], {}, 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        path = tmp / f"shard-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
-        shards.append((path, list(shard)))
-        shard, shard_bytes = {}, 0
-
+    shards = []
+    shard = None
     for tensors in groups:
-        mx.eval(tensors)
-        shard.update(tensors)
-        shard_bytes += sum(t.nbytes for t in tensors.values())
-        if shard_bytes >= max_shard_bytes:
-            flush()
-    if shard or not shards:
-        flush()
+        if shard is None:
+            shard = _ShardFile(tmp / f"shard-{len(shards):05d}.safetensors")
+        for name, t in tensors.items():
+            shard.add(name, t)
+        if shard.nbytes >= max_shard_bytes:
+            shard.close()
+            shards.append((shard.path, list(shard.entries)))
+            shard = None
+    if shard is not None or not shards:
+        shard = shard or _ShardFile(tmp / f"shard-{len(shards):05d}.safetensors")
+        shard.close()
+        shards.append((shard.path, list(shard.entries)))
 
     if len(shards) == 1:
         shards[0][0].rename(tmp / SINGLE_FILE)
