@@ -215,7 +215,7 @@ COMMANDS = "/reset, /save FILE, /load FILE, /quit"
 
 
 def chat_args(argv=None):
-    from .cli import _non_negative, _Parser, _positive_int, _probability
+    from .cli import _Parser, _positive_int, add_sampling_args
 
     p = _Parser(
         prog="python -m mlx_llama.chat",
@@ -224,20 +224,12 @@ def chat_args(argv=None):
     p.add_argument("--model", required=True, help="MLX model directory (from convert.py) or Hub repo id")
     p.add_argument("--system-prompt", help="system message for the chat template")
     p.add_argument("--max-tokens", type=_positive_int, default=256, help="most tokens per reply (default: 256)")
-    p.add_argument("--temp", type=_non_negative, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (default: 1, off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
-    p.add_argument("--min-p", type=_probability, default=0.0, help="drop tokens below min-p x the top probability")
-    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    p.add_argument("--prefill-step-size", type=_positive_int, default=512, help="prompt tokens per prefill chunk")
+    add_sampling_args(p)
     p.add_argument(
         "--prompt-cache-file",
         help="reuse the KV cache in this file where it matches (e.g. a long system prompt); save it there at exit",
     )
-    a = p.parse_args(argv)
-    if a.top_k < 0:
-        p.error(f"argument --top-k: must be >= 0, got {a.top_k}")
-    return a
+    return p.parse_args(argv)
 
 
 def _chat(argv) -> int:

@@ -86,12 +86,9 @@ def _positive(s: str) -> float:
 
 
 def _seed(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if not 0 <= v < 2**64:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2^64 - 1, got {v}")
+    v = _non_negative_int(s)
+    if v >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2^64, got {v}")
     return v
 
 
@@ -101,6 +98,26 @@ def _read_stdin() -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise MlxLlamaError(f"standard input is not UTF-8 text (byte {e.start})") from None
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by generate.py and the chat: sampling, seed, prefill chunk."""
+    p.add_argument("--temp", type=_non_negative, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (default: 1, off)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the k most likely tokens (default: 0, off)")
+    p.add_argument("--min-p", type=_probability, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--seed", type=_seed, help="random seed, for reproducible sampling")
+    p.add_argument("--prefill-step-size", type=_positive_int, default=512, help="prompt tokens per prefill chunk")
+
+
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
 
 
 def convert_args(argv=None):
@@ -155,15 +172,10 @@ def generate_args(argv=None):
     p.add_argument("--model", required=True, help="MLX model directory (from convert.py) or Hub repo id")
     p.add_argument("--prompt", required=True, help="the prompt ('-' reads it from standard input)")
     p.add_argument("--max-tokens", type=_positive_int, default=256, help="most tokens to generate (default: 256)")
-    p.add_argument("--temp", type=_non_negative, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (default: 1, off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
-    p.add_argument("--min-p", type=_probability, default=0.0, help="drop tokens below min-p x the top probability")
+    add_sampling_args(p)
     p.add_argument("--repetition-penalty", type=_positive, default=1.0, help="> 1 discourages repeats (default: 1)")
-    p.add_argument("--seed", type=_seed, help="random seed, for reproducible sampling")
     p.add_argument("--system-prompt", help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--prefill-step-size", type=_positive_int, default=512, help="prompt tokens per prefill chunk")
     p.add_argument(
         "--prompt-cache-file",
         help="reuse the prompt's KV cache from this file where it matches the prompt, and save it there",
@@ -186,8 +198,6 @@ def generate_args(argv=None):
         p.error(f"argument --max-kv-size: must exceed 4 (the first positions always kept), got {a.max_kv_size}")
     if a.memory_budget == 0:
         p.error("argument --memory-budget: must be > 0")
-    if a.top_k < 0:
-        p.error(f"argument --top-k: must be >= 0, got {a.top_k}")
     return a
 
 

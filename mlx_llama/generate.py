@@ -29,6 +29,17 @@ class GenerationResponse:
     finish_reason: Optional[str] = None  # "stop" (an EOS id) or "length" (max_tokens), on the last record
 
 
+def prefill(model, tokens, cache: list, step_size: int = 512) -> None:
+    """Run ``tokens`` through the model into ``cache`` (no logits are computed: nothing reads them).
+
+    In chunks of ``step_size``, so peak memory for activations stays bounded by the chunk, whatever
+    the prompt length."""
+    tokens = mx.array(tokens, dtype=mx.uint32) if not isinstance(tokens, mx.array) else tokens
+    for start in range(0, tokens.size, step_size):
+        model(tokens[None, start : start + step_size], cache)
+        mx.eval([c.keys for c in cache])
+
+
 def generate_step(
     prompt: mx.array,
     model,
@@ -62,16 +73,8 @@ def generate_step(
             history = mx.concatenate([history, token])
         return token, logprobs[0]
 
-    # Prefill all but the last prompt token in chunks: peak memory for activations stays bounded
-    # by the chunk, whatever the prompt length.
-    rest = prompt
-    while rest.size > 1:
-        n = min(prefill_step_size, rest.size - 1)
-        model(rest[None, :n], cache)
-        mx.eval([c.keys for c in cache])
-        rest = rest[n:]
-
-    y, logprobs = step(rest)
+    prefill(model, prompt[:-1], cache, prefill_step_size)
+    y, logprobs = step(prompt[-1:])
     mx.async_eval(y, logprobs)
     for n in range(max_tokens):
         # Queue the next step before reading this one, so the graph for token n+1 is built while

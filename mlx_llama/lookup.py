@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from .cache import RotatingKVCache
 from .errors import MlxLlamaError
+from .generate import prefill
 
 
 @dataclass
@@ -91,12 +92,7 @@ def lookup_generate_step(
 
     # Prefill exactly as generate_step does (all but the last token, in chunks), so that the
     # first token comes out of the same computation.
-    rest = prompt
-    while rest.size > 1:
-        n = min(prefill_step_size, rest.size - 1)
-        model(rest[None, :n], cache)
-        mx.eval([c.keys for c in cache])
-        rest = rest[n:]
+    prefill(model, prompt[:-1], cache, prefill_step_size)
 
     # `pending` is the newest token: in the history, not yet in the cache.
     pending = history[-1]

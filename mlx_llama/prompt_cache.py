@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 
 from .cache import KVCache
 from .errors import MlxLlamaError
+from .generate import prefill
 
 FORMAT_VERSION = 1
 METADATA_KEY = "mlx_llama.prompt_cache"
@@ -238,13 +239,6 @@ def trim_cache(cache: list, n: int) -> None:
             raise ValueError(f"{type(c).__name__} cannot be trimmed to {n} positions")
 
 
-def prefill(model, cache: list, ids: Sequence[int], step_size: int = 512) -> None:
-    """Run ``ids`` through the model into ``cache``, ``step_size`` tokens at a time (no logits kept)."""
-    for start in range(0, len(ids), step_size):
-        model(mx.array(ids[start : start + step_size], dtype=mx.uint32)[None], cache)
-        mx.eval([c.keys for c in cache])
-
-
 class CachedPrompt(NamedTuple):
     cache: list  # holds all of the prompt but its last token
     rest: List[int]  # what still goes to generate_step(..., cache=cache): the last token
@@ -270,7 +264,7 @@ def process_prompt_with_cache_file(model, tokenizer, ids, path, *, prefill_step_
             warnings.warn(f"{e}; replacing it")
     keep = min(common_prefix(cached, ids), len(ids) - 1)
     trim_cache(cache, keep)
-    prefill(model, cache, ids[keep:-1], prefill_step_size)
+    prefill(model, ids[keep:-1], cache, prefill_step_size)
     if cached != ids[:-1]:
         save_prompt_cache(path, cache, ids[:-1], model_fingerprint(model))
     return CachedPrompt(cache, ids[-1:], keep)
