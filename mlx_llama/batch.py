@@ -138,7 +138,7 @@ def batch_generate_step(
             y, logprobs = next_y, next_logprobs
 
 
-def _encode_all(tokenizer, prompts) -> List[List[int]]:
+def _encode_all(tokenizer, prompts, vocab: int) -> List[List[int]]:
     if not prompts:
         raise MlxLlamaError("no prompts given")
     ids = []
@@ -147,9 +147,12 @@ def _encode_all(tokenizer, prompts) -> List[List[int]]:
             if not p.strip():
                 raise MlxLlamaError(f"prompt {i} is empty")
             p = tokenizer.encode(p)
-        p = [int(t) for t in p]
+        p = list(p)
         if not p:
             raise MlxLlamaError(f"prompt {i} is empty")
+        bad = next((t for t in p if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:  # an id past the embedding table would read out of bounds
+            raise MlxLlamaError(f"prompt {i}: token id {bad!r} is outside the model's vocabulary (0..{vocab - 1})")
         ids.append(p)
     return ids
 
@@ -169,7 +172,7 @@ def batch_generate(
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise MlxLlamaError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    ids = _encode_all(tokenizer, prompts)
+    ids = _encode_all(tokenizer, prompts, model.args.vocab_size)
     eos = tokenizer.eos_token_ids
     out: List[List[int]] = [[] for _ in ids]
     done = [False] * len(ids)
