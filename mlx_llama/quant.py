@@ -7,7 +7,6 @@ The loader then quantizes exactly the modules whose ``.scales`` the weight files
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
