@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Collection, NamedTuple, Optional
 
@@ -22,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import MlxLlamaError
+from .writer import write_model_dir
 
 GROUP_SIZE = 32  # every GGUF block quantization that mx.load keeps quantized (Q4_0, Q4_1, Q8_0)
 _TRIPLE = ("weight", "scales", "biases")  # how mx.load returns a quantized tensor
@@ -394,19 +392,10 @@ def export_hf(gguf_path, out_dir, dtype: str = "bfloat16") -> Path:
         raise MlxLlamaError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
     tensors, metadata = read_gguf(gguf_path)
     config = gguf_config(metadata, tensors.keys()) | {"torch_dtype": dtype}
-    weights = {k: v.astype(getattr(mx, dtype)) for k, v in gguf_hf_weights(tensors, config).items()}
-    files = tokenizer_files_from_gguf(metadata) | {"config.json": config}
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
-        for name, content in files.items():
-            text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-            (tmp / name).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    weights = gguf_hf_weights(tensors, config)
+    texts = {
+        name: json.dumps(content, indent=2, ensure_ascii=False) + "\n"
+        for name, content in tokenizer_files_from_gguf(metadata).items()
+    }
+    groups = ({name: weights.pop(name).astype(getattr(mx, dtype))} for name in sorted(weights))
+    return write_model_dir(out_dir, config, groups, texts=texts, total=len(weights), fmt="pt", progress=False)

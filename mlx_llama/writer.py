@@ -46,12 +46,15 @@ def write_model_dir(
     tensor_groups: Iterable[Dict[str, mx.array]],
     *,
     files: Optional[Dict[str, Path]] = None,
+    texts: Optional[Dict[str, str]] = None,
     total: Optional[int] = None,
+    fmt: str = "mlx",
     max_shard_bytes: int = 5 << 30,
     progress: bool = True,
 ) -> Path:
-    """Write config.json, the tensors (each group evaluated and saved before the next is read, so memory
-    holds at most one shard) and ``files`` (name -> source path, copied) as the directory ``out``."""
+    """Write config.json, the tensors (each written as soon as it is computed, so memory holds one at
+    a time), ``files`` (name -> source path, copied) and ``texts`` (name -> content) as the directory
+    ``out``. ``fmt`` is the safetensors metadata "format" ("mlx"; "pt" for a Hugging Face export)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     # mkdtemp makes the directory private (0700); the finished model should have the usual permissions.
@@ -61,11 +64,13 @@ def write_model_dir(
     try:
         groups = tqdm(tensor_groups, total=total, desc="converting", unit="tensor", disable=not progress)
         try:
-            _write_shards(tmp, groups, max_shard_bytes)
+            _write_shards(tmp, groups, max_shard_bytes, fmt)
         except OSError as e:  # a full disk, an I/O error
             raise MlxLlamaError(f"{out}: cannot write the weights ({e.strerror or e})") from None
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _replace(tmp, out)
     except BaseException:
@@ -83,8 +88,8 @@ class _ShardFile:
     is computed (then it can be freed), and ``close`` writes the header followed by the spilled data.
     Memory holds one tensor at a time instead of a whole shard; disk briefly holds the shard twice."""
 
-    def __init__(self, path: Path):
-        self.path, self.entries, self.nbytes = path, {}, 0
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt, self.entries, self.nbytes = path, fmt, {}, 0
         self._spill = open(path.with_suffix(".spill"), "wb")
 
     def add(self, name: str, t: mx.array) -> None:
@@ -98,7 +103,7 @@ class _ShardFile:
 
     def close(self) -> None:
         self._spill.close()
-        header = json.dumps({"__metadata__": {"format": "mlx"}, **self.entries}, separators=(",", ":")).encode()
+        header = json.dumps({"__metadata__": {"format": self.fmt}, **self.entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # keep the data 8-byte aligned
         spill = self.path.with_suffix(".spill")
         with open(self.path, "wb") as f, open(spill, "rb") as src:
@@ -107,12 +112,12 @@ class _ShardFile:
         spill.unlink()
 
 
-def _write_shards(tmp: Path, groups: Iterable[Dict[str, mx.array]], max_shard_bytes: int) -> None:
+def _write_shards(tmp: Path, groups: Iterable[Dict[str, mx.array]], max_shard_bytes: int, fmt: str) -> None:
     shards = []
     shard = None
     for tensors in groups:
         if shard is None:
-            shard = _ShardFile(tmp / f"shard-{len(shards):05d}.safetensors")
+            shard = _ShardFile(tmp / f"shard-{len(shards):05d}.safetensors", fmt)
         for name, t in tensors.items():
             shard.add(name, t)
         if shard.nbytes >= max_shard_bytes:
@@ -120,7 +125,7 @@ def _write_shards(tmp: Path, groups: Iterable[Dict[str, mx.array]], max_shard_by
             shards.append((shard.path, list(shard.entries)))
             shard = None
     if shard is not None or not shards:
-        shard = shard or _ShardFile(tmp / f"shard-{len(shards):05d}.safetensors")
+        shard = shard or _ShardFile(tmp / f"shard-{len(shards):05d}.safetensors", fmt)
         shard.close()
         shards.append((shard.path, list(shard.entries)))
 

@@ -262,10 +262,12 @@ def test_export_refuses_existing_dir_and_leaves_nothing_when_interrupted(smollm2
     with pytest.raises(MlxLlamaError, match="already exists"):
         gguf.export_hf(smollm2_gguf[0], tmp_path / "taken")
 
+    from mlx_llama import writer
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gguf.mx, "save_safetensors", interrupted)
+    monkeypatch.setattr(writer._ShardFile, "add", interrupted)  # Ctrl-C while the weights are written
     with pytest.raises(KeyboardInterrupt):
         gguf.export_hf(smollm2_gguf[0], tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
