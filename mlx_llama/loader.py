@@ -15,7 +15,7 @@ from .config import ModelArgs
 from .errors import MlxLlamaError
 from .hub import resolve
 from .model import Model
-from .qlayers import use_prompt_paths
+from .qlayers import fast_blas_loaded, use_prompt_paths
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import check_weights, open_weights
 
@@ -49,7 +49,7 @@ def load_model(model_dir: Path, compute_dtype: Optional[mx.Dtype] = None) -> Mod
     # Cast floats only: packed quantized weights are uint32 and stay so (their scales do get cast).
     model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     mx.eval(model.parameters())
-    if args.quantization and mx.default_device() == mx.cpu:
+    if args.quantization and mx.default_device() == mx.cpu and fast_blas_loaded():
         use_prompt_paths(model)
     model.stored_dtype, model.compute_dtype = stored, dtype
     return model
