@@ -7,7 +7,6 @@ at the very end: an interrupted or failed conversion leaves nothing that looks l
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from . import quant
 from .config import ModelArgs
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, read_json_object
 from .gguf_import import import_gguf
 from .hub import resolve
 from .meta import is_meta_checkpoint, meta_config, meta_weights
@@ -90,7 +89,7 @@ def convert(
         raise MlxLlamaError(f"{out}: the output would overwrite the input checkpoint")
 
     meta = is_meta_checkpoint(src)  # params.json + consolidated.*.pth, no config.json
-    config = meta_config(src) if meta else _read_json(src / "config.json")
+    config = meta_config(src) if meta else read_json_object(src / "config.json", "a Hugging Face model directory")
     args = ModelArgs.from_dict(config, source=str(src / ("params.json" if meta else "config.json")))
     tokenizer = load_tokenizer(src, args.eos_token_ids)  # fail now, before any work, if missing or broken
     if tokenizer.vocab_size > args.vocab_size:
@@ -160,15 +159,3 @@ def _convert_tensor(name: str, w: mx.array, qplan: dict, dtype: Optional[str]) -
     bits, group = qplan[path]
     q, scales, biases = quant.quantize(w, group, bits, dtype=w.dtype)
     return {name: q, f"{path}.scales": scales, f"{path}.biases": biases}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MlxLlamaError(f"{path}: missing (not a Hugging Face model directory?)") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxLlamaError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise MlxLlamaError(f"{path}: expected a JSON object")
-    return d

@@ -14,14 +14,13 @@ model-parallel rank) and ``tokenizer.model``. Going to the Hugging Face layout t
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, read_json_object
 from .torch_pickle import TorchCheckpoint, torch_file_shapes
 
 PARAMS_FILE = "params.json"
@@ -192,14 +191,7 @@ def interleaved_to_rotate_half(w: mx.array, n_heads: int, head_dim: int, name: s
 
 
 def _read_params(path: Path) -> dict:
-    try:
-        params = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MetaCheckpointError(f"{path}: missing (not a Meta Llama checkpoint?)") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MetaCheckpointError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise MetaCheckpointError(f"{path}: expected a JSON object")
+    params = read_json_object(path, "a Meta Llama checkpoint", MetaCheckpointError)
 
     def positive_int(key, required=True):
         v = params.get(key)
