@@ -162,7 +162,12 @@ def convert_main(argv=None) -> int:
             revision=a.revision,
             dequantize=a.dequantize,
         )
-        print(f"Wrote {out}")
+        if a.quantize:
+            from .convert import bits_per_weight
+
+            print(f"Wrote {out} ({bits_per_weight(out):.2f} bits per weight)")
+        else:
+            print(f"Wrote {out}")
 
     return _run(main, argv)
 

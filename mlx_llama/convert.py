@@ -22,7 +22,7 @@ from .hub import resolve
 from .meta import is_meta_checkpoint, meta_config, meta_weights
 from .model import Model
 from .tokenizer import TOKENIZER_FILES, load_tokenizer
-from .weights import check_weights, open_weights
+from .weights import check_weights, open_weights, read_safetensors_header, tensor_nbytes, weight_files
 from .writer import check_target, write_model_dir
 
 F16_MAX = 65504.0
@@ -128,6 +128,17 @@ def convert(
     return write_model_dir(
         out, config, groups, files=files, total=len(weights), max_shard_bytes=max_shard_bytes, progress=progress
     )
+
+
+def bits_per_weight(model_dir: Path) -> float:
+    """Stored bits (scales and biases included) per parameter of the float model, from the files' headers."""
+    n_params = sum(p.size for p in expected_params(ModelArgs.from_file(model_dir / "config.json")).values())
+    stored = sum(
+        tensor_nbytes(dtype, shape)
+        for f in set(weight_files(model_dir).values())
+        for dtype, shape in read_safetensors_header(f).values()
+    )
+    return 8 * stored / n_params
 
 
 def dequantized(weights: dict, qconfig: dict) -> dict:

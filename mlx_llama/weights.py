@@ -30,6 +30,14 @@ class WeightsError(MlxLlamaError):
     pass
 
 
+def tensor_nbytes(dtype: str, shape: tuple) -> int:
+    """Bytes of a safetensors tensor of this dtype ("F32", "BF16", "U32", ...) and shape."""
+    n = _DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
 def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, tuple]]:
     """name -> (dtype, shape), after checking that every tensor lies inside the file."""
     try:
@@ -55,11 +63,9 @@ def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, tuple]]:
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            nbytes = _DTYPE_SIZES[dtype]
-            for d in shape:
-                if not isinstance(d, int) or d < 0:
-                    raise ValueError
-                nbytes *= d
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError
+            nbytes = tensor_nbytes(dtype, shape)
         except (KeyError, TypeError, ValueError):
             raise WeightsError(f"{path}: corrupt header entry for tensor {name!r}") from None
         if end - start != nbytes or start < 0:
