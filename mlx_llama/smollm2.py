@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .cli import _run
 from .errors import MlxLlamaError
 from .gguf import export_hf
 
@@ -34,10 +35,14 @@ CACHE_ENV = "MLX_LLAMA_CACHE"
 def cache_root(cache_dir=None) -> Path:
     """`cache_dir`, else $MLX_LLAMA_CACHE, else ~/.cache/mlx_llama."""
     if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path.home() / ".cache" / "mlx_llama"
+        root = Path(cache_dir).expanduser()
+    elif os.environ.get(CACHE_ENV):
+        root = Path(os.environ[CACHE_ENV]).expanduser()
+    else:
+        root = Path.home() / ".cache" / "mlx_llama"
+    if root.exists() and not root.is_dir():
+        raise MlxLlamaError(f"{root}: the cache location is a file, not a directory (see ${CACHE_ENV})")
+    return root
 
 
 def _log(msg: str) -> None:
@@ -117,13 +122,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--cache-dir", help=f"cache directory (default: ${CACHE_ENV} or ~/.cache/mlx_llama)")
     args = parser.parse_args(argv)
-    try:
-        path = smollm2_hf_dir(args.cache_dir)
-    except MlxLlamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+
+    def run(_):
+        print(smollm2_hf_dir(args.cache_dir))
+
+    # One-line errors; Ctrl-C and SIGTERM unwind so half-written downloads and exports are removed.
+    return _run(run, argv)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def _chat_template(model_dir: Path, config: dict) -> tuple[str | None, Path]:
             raise TokenizerError(f"{source}: cannot read ({_first_line(e)})") from e
     if isinstance(template, list):  # named templates ("default", "tool_use", ...): we only chat
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return (template if isinstance(template, str) else None), source
+    return (template if isinstance(template, str) and template.strip() else None), source  # "" means none
 
 
 def load_tokenizer(model_dir, eos_token_ids=()) -> "Tokenizer":
