@@ -20,7 +20,7 @@ from typing import Callable, Iterator, List, Optional
 import mlx.core as mx
 
 from .errors import MlxLlamaError
-from .generate import GenerationResponse, generate_step
+from .generate import GenerationResponse, stream_generate
 from .prompt_cache import (
     PromptCacheError,
     PromptCacheMismatch,
@@ -114,48 +114,25 @@ class ChatSession:
 
         reply = {"role": "assistant", "content": ""}
         self.messages += [user, reply]
-        eos = self.tokenizer.eos_token_ids
-        detok = self.tokenizer.detokenizer()
         generated: List[int] = []
-        mx.reset_peak_memory()
-        ttft = prompt_tps = 0.0
+        ttft = None
         self._busy = True
         try:
-            steps = generate_step(
-                mx.array(suffix, dtype=mx.uint32),
+            records = stream_generate(
                 self.model,
+                self.tokenizer,
+                suffix,
                 max_tokens=max_tokens,
                 sampler=sampler,
                 prefill_step_size=prefill_step_size,
                 cache=self._cache,
             )
-            for n, (token, _) in enumerate(steps, start=1):
-                generated.append(token)
-                if n == 1:
+            for r in records:
+                generated.append(r.token)
+                if ttft is None:
                     ttft = time.perf_counter() - tic
-                    prompt_tps = len(suffix) / ttft if ttft > 0 else 0.0
-                    tic = time.perf_counter()
-                stop = token in eos
-                finish = "stop" if stop else ("length" if n == max_tokens else None)
-                text = "" if stop else detok.add_token(token)
-                if finish:
-                    text += detok.finalize()
-                reply["content"] = detok.text
-                elapsed = time.perf_counter() - tic
-                yield ChatResponse(
-                    text=text,
-                    token=token,
-                    prompt_tokens=len(suffix),
-                    prompt_tps=prompt_tps,
-                    generation_tokens=n,
-                    generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-                    peak_memory_gb=mx.get_peak_memory() / 1e9,
-                    finish_reason=finish,
-                    reused_tokens=reused,
-                    time_to_first_token=ttft,
-                )
-                if finish:
-                    break
+                reply["content"] += r.text
+                yield ChatResponse(**vars(r), reused_tokens=reused, time_to_first_token=ttft)
         finally:
             self._busy = False
             self._sync(ids + generated)
