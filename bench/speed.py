@@ -41,6 +41,16 @@ MODELS = {  # name -> convert() keyword arguments
 # Workers: one measurement each, printed as one JSON line. They run in the engine's own Python.
 
 
+def timed(records):
+    """Exhaust a stream of response records: (the last record, seconds to the first)."""
+    tic = time.perf_counter()
+    ttft = r = None
+    for r in records:
+        if ttft is None:
+            ttft = time.perf_counter() - tic
+    return r, ttft
+
+
 def worker_ours(model_dir: str, ids: list, gen: int) -> dict:
     import mlx.core as mx
 
@@ -48,11 +58,7 @@ def worker_ours(model_dir: str, ids: list, gen: int) -> dict:
 
     model, tokenizer = load(model_dir)
     tokenizer.eos_token_ids = set()
-    tic = time.perf_counter()
-    ttft = None
-    for r in stream_generate(model, tokenizer, ids, max_tokens=gen):
-        if ttft is None:
-            ttft = time.perf_counter() - tic
+    r, ttft = timed(stream_generate(model, tokenizer, ids, max_tokens=gen))
     return dict(prompt_tps=r.prompt_tps, generation_tps=r.generation_tps, ttft=ttft,
                 peak_gb=mx.get_peak_memory() / 1e9, tokens=r.generation_tokens, compute=str(model.compute_dtype))
 
@@ -64,11 +70,7 @@ def worker_mlxlm(model_dir: str, ids: list, gen: int) -> dict:
 
     model, tokenizer = load(model_dir)
     tokenizer._eos_token_ids = set()  # generate exactly `gen` tokens, as ours does
-    tic = time.perf_counter()
-    ttft = None
-    for r in stream_generate(model, tokenizer, ids, max_tokens=gen):
-        if ttft is None:
-            ttft = time.perf_counter() - tic
+    r, ttft = timed(stream_generate(model, tokenizer, ids, max_tokens=gen))
     return dict(prompt_tps=r.prompt_tps, generation_tps=r.generation_tps, ttft=ttft,
                 peak_gb=mx.get_peak_memory() / 1e9, tokens=r.generation_tokens, compute="stored dtype")
 

@@ -48,31 +48,29 @@ def _run(main, argv) -> int:
         return 130
 
 
-def _positive_int(s: str) -> int:
+def _parse(s: str, cast, what: str):
     try:
-        v = int(s)
+        return cast(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
+
+
+def _positive_int(s: str) -> int:
+    v = _parse(s, int, "an integer")
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
 
 
 def _probability(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    v = _parse(s, float, "a number")
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
     return v
 
 
 def _non_negative(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    v = _parse(s, float, "a number")
     if not v >= 0.0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
     return v
@@ -111,10 +109,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    v = _parse(s, int, "an integer")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
