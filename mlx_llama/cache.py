@@ -80,12 +80,19 @@ class _Storage:
     """Float storage: what goes in is what is stored. The quantized caches override the two hooks."""
 
     step = 256
+    dtype: Optional[mx.Dtype] = None  # what keys/values are stored as; None: as they come
+    _compute: Optional[mx.Dtype] = None  # what they came as (and are handed back as)
+
+    def _store(self, keys: mx.array, values: mx.array):
+        """The incoming keys/values in storage form; remembers their dtype for _decode."""
+        self._compute = keys.dtype
+        return self._encode(keys), self._encode(values)
 
     def _encode(self, x: mx.array):
-        return x
+        return x if self.dtype is None else x.astype(self.dtype)
 
     def _decode(self, x) -> mx.array:
-        return x
+        return x if self._compute is None else x.astype(self._compute)
 
     @property
     def nbytes(self) -> int:
@@ -104,7 +111,7 @@ class KVCache(_Storage):
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Append keys/values of shape (B, kv_heads, T, head_dim); return everything cached so far."""
         t = keys.shape[2]
-        keys, values = self._encode(keys), self._encode(values)
+        keys, values = self._store(keys, values)
         if self.keys is None or self.offset + t > _length(self.keys):
             self._grow(keys, values, t)
         _write(self.keys, self.offset, keys)
@@ -177,7 +184,7 @@ class RotatingKVCache(_Storage):
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Add keys/values of shape (B, kv_heads, T, head_dim); return the kept ones plus these."""
         t = keys.shape[2]
-        keys, values = self._encode(keys), self._encode(values)
+        keys, values = self._store(keys, values)
         if t == 1:
             k, v = self._update_in_place(keys, values)
         else:
@@ -308,7 +315,8 @@ def resolve_group_size(head_dim: int, group_size: int) -> int:
 
 class _Quantized:
     """Storage hooks for the quantized caches: affine groups along head_dim, stored as the
-    (packed uint32, scales, biases) triple of mx.quantize; scales and biases in the input dtype."""
+    (packed uint32, scales, biases) triple of mx.quantize; scales and biases in ``dtype`` (or the
+    input dtype)."""
 
     def _init_quantized(self, bits: int, group_size: int):
         if bits not in KV_BITS:
@@ -317,18 +325,19 @@ class _Quantized:
             raise CacheError(f"kv_group_size must be one of 32, 64, 128, got {group_size!r}")
         self.bits = bits
         self.group_size = group_size
-        self._dtype = None
+        self._resolved = False
 
     def _encode(self, x: mx.array):
-        if self._dtype is None:
+        if not self._resolved:
             # Decided once, at the first keys seen (the head_dim is not known before).
             self.group_size = resolve_group_size(x.shape[-1], self.group_size)
-        self._dtype = x.dtype
+            self._resolved = True
+        x = x if self.dtype is None else x.astype(self.dtype)
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
     def _decode(self, q) -> mx.array:
         out = mx.dequantize(*q, group_size=self.group_size, bits=self.bits)
-        return out if self._dtype is None else out.astype(self._dtype)
+        return out if self._compute is None else out.astype(self._compute)
 
 
 class QuantizedKVCache(_Quantized, KVCache):
@@ -349,10 +358,17 @@ class QuantizedRotatingKVCache(_Quantized, RotatingKVCache):
 
 
 def make_cache(
-    model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, kv_group_size: int = 64, keep: int = 4
+    model,
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    keep: int = 4,
+    dtype: Optional[mx.Dtype] = None,
 ) -> list:
     """One cache per layer of ``model``: unbounded (``KVCache``) unless ``max_kv_size`` is given,
-    float unless ``kv_bits`` (4 or 8) is.
+    float unless ``kv_bits`` (4 or 8) is. Stored as ``dtype`` (default: the model's ``kv_dtype``,
+    which the loader sets to the narrower of the stored and the compute dtype), handed back in the
+    dtype the keys came in.
 
     A model with a sliding window (Mistral v0.1) gets, when bounded, a window of
     min(max_kv_size, sliding_window) positions and no sinks: that is its own attention pattern
@@ -377,4 +393,8 @@ def make_cache(
             return RotatingKVCache(max_kv_size, keep)
         return QuantizedRotatingKVCache(max_kv_size, keep, kv_bits, kv_group_size)
 
-    return [one() for _ in model.layers]
+    dtype = dtype if dtype is not None else getattr(model, "kv_dtype", None)
+    caches = [one() for _ in model.layers]
+    for c in caches:
+        c.dtype = dtype
+    return caches

@@ -229,7 +229,7 @@ def generate_main(argv=None) -> int:
             from .memory import check_budget, estimate_bytes, model_weights_bytes
 
             need = estimate_bytes(
-                model.args, model_weights_bytes(model), len(ids) + a.max_tokens, kv_dtype=model.compute_dtype, **kv
+                model.args, model_weights_bytes(model), len(ids) + a.max_tokens, kv_dtype=model.kv_dtype, **kv
             )
             check_budget(need, a.memory_budget * 1e9)
         cache = None

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .errors import MlxLlamaError
+from .memory import RunAheadBound
 from .sample import make_sampler
 
 
@@ -29,15 +30,24 @@ class GenerationResponse:
     finish_reason: Optional[str] = None  # "stop" (an EOS id) or "length" (max_tokens), on the last record
 
 
-def prefill(model, tokens, cache: list, step_size: int = 512) -> None:
+def prefill(model, tokens, cache: list, step_size: int = 512, bound=None) -> None:
     """Run ``tokens`` through the model into ``cache`` (no logits are computed: nothing reads them).
 
     In chunks of ``step_size``, so peak memory for activations stays bounded by the chunk, whatever
-    the prompt length."""
+    the prompt length. ``bound``: a ``memory.RunAheadBound`` to update before each chunk."""
     tokens = mx.array(tokens, dtype=mx.uint32) if not isinstance(tokens, mx.array) else tokens
     for start in range(0, tokens.size, step_size):
-        model(tokens[None, start : start + step_size], cache)
+        chunk = tokens[None, start : start + step_size]
+        if bound is not None:
+            bound.update(chunk.shape[1])
+        model(chunk, cache)
         mx.eval([c.keys for c in cache])
+
+
+def bounds_run_ahead(model) -> bool:
+    """Whether generation bounds MLX's run-ahead (memory.RunAheadBound): on the CPU, for a model
+    the loader set up (its layers widen weights piece by piece, see upcast.py)."""
+    return mx.default_device() == mx.cpu and hasattr(model, "compute_dtype")
 
 
 def generate_step(
@@ -73,18 +83,27 @@ def generate_step(
             history = mx.concatenate([history, token])
         return token, logprobs[0]
 
-    prefill(model, prompt[:-1], cache, prefill_step_size)
-    y, logprobs = step(prompt[-1:])
-    mx.async_eval(y, logprobs)
-    for n in range(max_tokens):
-        # Queue the next step before reading this one, so the graph for token n+1 is built while
-        # token n is still computing; the host waits only for the token id itself.
-        if n + 1 < max_tokens:
-            next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
-        yield y.item(), logprobs
-        if n + 1 < max_tokens:
-            y, logprobs = next_y, next_logprobs
+    bound = RunAheadBound(model, cache) if bounds_run_ahead(model) else None
+    try:
+        prefill(model, prompt[:-1], cache, prefill_step_size, bound)
+        if bound is not None:
+            bound.update()
+        y, logprobs = step(prompt[-1:])
+        mx.async_eval(y, logprobs)
+        for n in range(max_tokens):
+            # Queue the next step before reading this one, so the graph for token n+1 is built while
+            # token n is still computing; the host waits only for the token id itself.
+            if n + 1 < max_tokens:
+                if bound is not None:
+                    bound.update()
+                next_y, next_logprobs = step(y)
+                mx.async_eval(next_y, next_logprobs)
+            yield y.item(), logprobs
+            if n + 1 < max_tokens:
+                y, logprobs = next_y, next_logprobs
+    finally:
+        if bound is not None:
+            bound.close()
 
 
 def stream_generate(

@@ -8,21 +8,22 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from . import quant
 from .config import ModelArgs
 from .errors import MlxLlamaError
 from .hub import resolve
 from .model import Model
-from .qlayers import fast_blas_loaded, use_prompt_paths
 from .tokenizer import Tokenizer, load_tokenizer
+from .upcast import compute_in, fast_blas_loaded
 from .weights import check_weights, open_weights
 
 
 def default_compute_dtype(stored: mx.Dtype) -> mx.Dtype:
     """float32 on the CPU whatever the storage: 16-bit compute there is slower and, over 30 layers,
-    drifts enough to change SmolLM2's answers (FACTS.md section 3). On a GPU keep what was stored."""
+    drifts enough to change SmolLM2's answers (FACTS.md section 3). On a GPU compute in what was
+    stored."""
     return mx.float32 if mx.default_device() == mx.cpu else stored
 
 
@@ -46,12 +47,15 @@ def load_model(model_dir: Path, compute_dtype: Optional[mx.Dtype] = None) -> Mod
 
     stored = _stored_float_dtype(weights)
     dtype = compute_dtype or default_compute_dtype(stored)
-    # Cast floats only: packed quantized weights are uint32 and stay so (their scales do get cast).
-    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+    # The matrices stay as stored (half the memory of float32 for a 16-bit model) and are widened
+    # piece by piece as they are used; see upcast.py.
+    on_cpu = mx.default_device() == mx.cpu
+    compute_in(model, dtype, prompt_dequantize=bool(args.quantization) and on_cpu and fast_blas_loaded())
     mx.eval(model.parameters())
-    if args.quantization and mx.default_device() == mx.cpu and fast_blas_loaded():
-        use_prompt_paths(model)
     model.stored_dtype, model.compute_dtype = stored, dtype
+    # The KV cache is kept in the narrower of the two, as the weights are (mlx-lm keeps it in the
+    # stored dtype too); attention reads it widened.
+    model.kv_dtype = stored if stored.size < dtype.size else dtype
     return model
 
 

@@ -150,12 +150,11 @@ def load_prompt_cache(path, model, return_metadata: bool = False):
         except (RuntimeError, ValueError) as e:
             raise PromptCacheError(f"{path}: corrupt prompt cache ({_first_line(e)})") from e
         shape = (1, fp["num_key_value_heads"], n, fp["head_dim"])
-        dtype = getattr(model, "compute_dtype", None)
         for i, c in enumerate(cache):
             kv = [arrays.get(f"layers.{i}.{part}") for part in ("keys", "values")]
             if any(a is None or tuple(a.shape) != shape for a in kv):
                 raise PromptCacheError(f"{path}: corrupt prompt cache (layer {i} missing or not of shape {shape})")
-            c.state = tuple(a.astype(dtype) if dtype is not None else a for a in kv)
+            c.state = tuple(kv)  # stored as the cache stores (its dtype), whatever the file holds
     if return_metadata:
         return cache, tokens, header["metadata"]
     return cache, tokens

@@ -174,15 +174,16 @@ def test_loader_rebuilds_exactly_what_was_quantized(tmp_path, recipe):
 
 def test_prompt_path_of_quantized_layers_computes_the_same_function(tmp_path):
     """Long inputs through dequantize + matmul, one token through quantized_matmul: the same logits."""
-    from mlx_llama.qlayers import PROMPT_TOKENS, PromptQuantizedEmbedding, PromptQuantizedLinear, use_prompt_paths
+    from mlx_llama.upcast import PROMPT_TOKENS, UpcastQuantizedEmbedding, UpcastQuantizedLinear, compute_in
 
     config = tiny_config(tie_word_embeddings=True)
     hf = write_hf_checkpoint(tmp_path / "hf", config, random_weights(config, seed=6))
     model, _ = load(str(convert(str(hf), str(tmp_path / "q"), quantize=True, q_group_size=32, progress=False)))
-    use_prompt_paths(model)  # what load() does on a CPU with a fast BLAS
+    compute_in(model, mx.float32, prompt_dequantize=True)  # what load() does on a CPU with a fast BLAS
     mods = dict(model.named_modules())
-    assert type(mods["model.layers.0.mlp.up_proj"]) is PromptQuantizedLinear
-    assert type(mods["model.embed_tokens"]) is PromptQuantizedEmbedding
+    assert type(mods["model.layers.0.mlp.up_proj"]) is UpcastQuantizedLinear
+    assert type(mods["model.embed_tokens"]) is UpcastQuantizedEmbedding
+    assert mods["model.layers.0.mlp.up_proj"].prompt_dequantize
     n = PROMPT_TOKENS + 3
     tokens = mx.array([[(7 * i + 1) % 300 for i in range(n)]])
     full = np.array(model(tokens))
