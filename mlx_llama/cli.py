@@ -16,6 +16,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def _parse_optional(self, arg_string):
+        # argparse takes only '-1' and '-.5' for negative numbers; '-inf', '-nan' or '-1e-3' after
+        # `--temp` would be read as an unknown option and end in "expected one argument", hiding the
+        # real mistake. No option of ours looks like a number, so anything float() reads is a value,
+        # which then reaches the option's type check and its message naming option and value.
+        try:
+            float(arg_string)
+            return None  # a value, not an option
+        except ValueError:
+            return super()._parse_optional(arg_string)
+
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     # One line, printed around any progress bar rather than into it.

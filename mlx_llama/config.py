@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, read_small_file
 
 
 class ConfigError(MlxLlamaError):
@@ -83,7 +83,7 @@ class ModelArgs:
     def from_file(cls, path: Union[str, Path]) -> "ModelArgs":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(read_small_file(path, ConfigError))  # capped: a config is a few KB
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -35,6 +35,14 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     if path.exists():
         if not path.is_dir():
             raise MlxLlamaError(f"{path}: not a directory")
+        if revision is not None:
+            # A local directory has one version, whatever is on disk; we do not check out git revisions.
+            # Refused rather than warned about: the user asked for specific weights, and the likeliest
+            # cause is a local directory shadowing the repo id they meant (./org/name), so going on
+            # would convert or run something other than what was asked for.
+            raise MlxLlamaError(
+                f"{path}: --revision {revision} applies only to Hub repo ids, and this is a local directory"
+            )
         return path
     if not _REPO_ID.match(str(path_or_repo)):
         raise MlxLlamaError(f"{path_or_repo}: no such directory")

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 
 import mlx.core as mx
 
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, broken_symlink, broken_symlink_message, read_small_file
 from .torch_pickle import open_torch_weights, torch_weight_files
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,9 +82,9 @@ def weight_files(model_dir: Path) -> Dict[str, Path]:
     Only files the index names are read: a stray extra .safetensors in the directory is not merged in.
     """
     index = model_dir / INDEX_FILE
-    if index.exists():
+    if index.exists() or broken_symlink(index):  # a dangling index says so, not "no weights found"
         try:
-            data = json.loads(index.read_text())
+            data = json.loads(read_small_file(index, WeightsError))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsError(f"{index}: not valid JSON ({e})") from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -96,6 +96,8 @@ def weight_files(model_dir: Path) -> Dict[str, Path]:
                 raise WeightsError(f"{index}: shard name {fname!r} is not a file in the model directory")
         return {name: model_dir / fname for name, fname in weight_map.items()}
     single = model_dir / SINGLE_FILE
+    if broken_symlink(single):  # e.g. a Hub cache snapshot whose blob was deleted
+        raise WeightsError(broken_symlink_message(single))
     if single.exists():
         return {name: single for name in read_safetensors_header(single)}
     torch_files = torch_weight_files(model_dir)  # pytorch_model.bin (+ index): only when there are no safetensors
@@ -105,6 +107,11 @@ def weight_files(model_dir: Path) -> Dict[str, Path]:
         raise WeightsError(
             f"{model_dir}: only .pth files; a Meta checkpoint needs params.json beside consolidated.*.pth"
         )
+    # A weight file that is only a dangling link (pytorch_model.bin in a cache whose blob is gone)
+    # was skipped above as absent; name it rather than claim there are no weights.
+    for p in sorted(model_dir.iterdir()):
+        if (p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")) and broken_symlink(p):
+            raise WeightsError(broken_symlink_message(p))
     raise WeightsError(f"{model_dir}: no weights found ({SINGLE_FILE} or {INDEX_FILE})")
 
 
@@ -115,6 +122,8 @@ def open_weights(model_dir: Path) -> Dict[str, mx.array]:
         return open_torch_weights(files)
     out = {}
     for path in sorted(set(files.values())):
+        if broken_symlink(path):
+            raise WeightsError(broken_symlink_message(path))
         if not path.exists():
             missing = sorted(n for n, p in files.items() if p == path)[0]
             raise WeightsError(f"{path}: missing (the index lists {missing!r} in it)")

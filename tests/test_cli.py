@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,12 @@ def test_generate_directory_without_model(tmp_path):
         (["--prompt", "hi", "--max-tokens", "0"], ["--max-tokens", "at least 1"]),
         (["--prompt", "hi", "--max-tokens", "-3"], ["--max-tokens"]),
         (["--prompt", "hi", "--temp", "-1"], ["--temp"]),
+        # Values argparse alone would take for unknown options ("expected one argument"):
+        (["--prompt", "hi", "--temp", "-inf"], ["--temp", ">= 0", "got -inf"]),
+        (["--prompt", "hi", "--temp", "-1e-3"], ["--temp", ">= 0", "got -1e-3"]),
+        (["--prompt", "hi", "--temp=-1"], ["--temp", ">= 0", "got -1"]),
+        (["--prompt", "hi", "--top-p", "-inf"], ["--top-p", "got -inf"]),
+        (["--prompt", "hi", "--memory-budget", "-1e9"], ["--memory-budget", "got -1e9"]),
         (["--prompt", "hi", "--top-p", "1.5"], ["--top-p"]),
         (["--prompt", "hi", "--seed", "-1"], ["--seed"]),
         (["--prompt", "hi", "--repetition-penalty", "0"], ["--repetition-penalty", "> 0"]),
@@ -182,6 +189,52 @@ def test_generate_directory_without_model(tmp_path):
 def test_generate_refuses_bad_options(tiny_mlx, args, words):
     _, mlx = tiny_mlx
     assert_user_error(run("generate.py", "--model", str(mlx), *args), *words)
+
+
+def test_revision_of_a_local_directory_is_refused(tiny_mlx, tmp_path):
+    hf, mlx = tiny_mlx
+    out = tmp_path / "out"
+    proc = run("convert.py", "--hf-path", str(hf), "--mlx-path", str(out), "--revision", "v2")
+    assert_user_error(proc, str(hf), "--revision", "Hub repo ids")
+    assert not out.exists()
+    # The library entry point generate.py's loader goes through, too.
+    from mlx_llama.errors import MlxLlamaError
+    from mlx_llama.hub import resolve
+
+    with pytest.raises(MlxLlamaError, match="--revision"):
+        resolve(str(mlx), revision="main")
+    assert resolve(str(mlx)) == mlx
+
+
+def _dangling_weights(d: Path):
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to(d / "deleted-blob")
+
+
+def _endless_config(d: Path):
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to("/dev/zero")
+
+
+def _huge_config(d: Path):
+    with open(d / "config.json", "r+b") as f:
+        f.truncate((16 << 20) + 1)  # just over the cap; sparse
+
+
+@pytest.mark.parametrize(
+    "breakage, words",
+    [
+        (_dangling_weights, ["model.safetensors", "broken symlink"]),
+        (_endless_config, ["config.json", "not a regular file"]),
+        (_huge_config, ["config.json", "too large"]),
+    ],
+)
+def test_generate_refuses_hostile_model_files(tiny_mlx, tmp_path, breakage, words):
+    _, mlx = tiny_mlx
+    model = tmp_path / "model"
+    shutil.copytree(mlx, model)
+    breakage(model)
+    assert_user_error(run("generate.py", "--model", str(model), "--prompt", "hi"), *words)
 
 
 def test_stdin_that_is_not_utf8_is_refused(tiny_mlx):

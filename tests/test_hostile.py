@@ -193,6 +193,36 @@ def no_weights(root):
     return src, ["no weights found"]
 
 
+def dangling_weights_symlink(root):
+    """A Hub-cache style snapshot whose blob was deleted: not "no weights found"."""
+    src = good(root)
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").symlink_to(root / "deleted-blob")
+    return src, ["model.safetensors", "broken symlink"]
+
+
+def dangling_pickled_weights_symlink(root):
+    src = good(root)
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").symlink_to(root / "deleted-blob")
+    return src, ["pytorch_model.bin", "broken symlink"]
+
+
+def config_is_endless(root):
+    """Read whole, a config.json linked to /dev/zero would grow until memory ran out."""
+    src = good(root)
+    (src / "config.json").unlink()
+    (src / "config.json").symlink_to("/dev/zero")
+    return src, ["config.json", "not a regular file"]
+
+
+def config_too_large(root):
+    src = good(root)
+    with open(src / "config.json", "r+b") as f:
+        f.truncate((16 << 20) + 1)  # just over the 16 MiB cap; sparse, so cheap to make
+    return src, ["config.json", "too large"]
+
+
 def only_pickled_weights(root):
     src = good(root)
     (src / "model.safetensors").rename(src / "pytorch_model.bin")
@@ -220,7 +250,8 @@ CASES = [
     truncated, empty_weights_file, header_length_lies, header_not_json, offsets_past_end, shape_lies,
     negative_shape, unknown_dtype, index_names_missing_shard, index_not_json, index_lists_absent_tensor,
     config_not_json, config_is_a_list, heads_do_not_divide, vocab_larger_than_embedding, empty_directory,
-    only_a_tokenizer, no_weights, a_file_not_a_directory, gguf_cut_short,
+    only_a_tokenizer, no_weights, a_file_not_a_directory, gguf_cut_short, dangling_weights_symlink,
+    dangling_pickled_weights_symlink, config_is_endless, config_too_large,
 ]
 BAD_SIZES = [("hidden_size", 0), ("num_hidden_layers", -2), ("intermediate_size", 96.5), ("vocab_size", "320"),
              ("num_attention_heads", True)]
