@@ -28,6 +28,7 @@ import mlx.core as mx
 from .cache import KVCache
 from .errors import MlxLlamaError
 from .rope import rope_type
+from .sample import log_softmax
 
 
 class BatchKVCache:
@@ -116,7 +117,7 @@ def batch_generate_step(
 
     def step(x: mx.array):
         logits = model(x, cache)[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         return mx.argmax(logprobs, axis=-1), logprobs
 
     # As generate_step: prefill all but the last column in chunks, then decode one column a step.

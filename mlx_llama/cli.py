@@ -240,7 +240,10 @@ def generate_main(argv=None) -> int:
             from .memory import check_budget, estimate_bytes, model_weights_bytes
 
             need = estimate_bytes(
-                model.args, model_weights_bytes(model), len(ids) + a.max_tokens, kv_dtype=model.kv_dtype, **kv
+                model.args, model_weights_bytes(model), len(ids) + a.max_tokens,
+                # float caches store kv_dtype; quantized ones keep scales in the compute dtype
+                kv_dtype=model.compute_dtype if a.kv_bits else model.kv_dtype,
+                **kv,
             )
             check_budget(need, a.memory_budget * 1e9)
         cache = None

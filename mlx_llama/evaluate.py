@@ -2,6 +2,11 @@
 reference model (usually the float original), KL divergence, top-1 agreement and logit error.
 
     python -m mlx_llama.evaluate --model smollm2-4bit --reference smollm2-bf16 --dequantize
+    python -m mlx_llama.evaluate --model smollm2-bf16 --reference smollm2-bf16 --kv-bits 8
+
+With ``--kv-bits``/``--kv-dtype``/``--kv-chunk`` the model under test reads each window through a
+KV cache, a chunk at a time as generation does, so the cost of how the cache stores keys and values
+is measured too (the reference still runs each window whole, without a cache).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from tqdm import tqdm
 
+from .cache import KV_BITS, KV_GROUP_SIZES, resolve_group_size
 from .cli import _Parser, _positive_int, _run
 from .errors import MlxLlamaError
 
@@ -119,10 +125,95 @@ def _window_sums(logits: mx.array, targets: mx.array, ref: Optional[mx.array]) -
     return {k: float(np.array(v).astype(np.float64).sum()) for k, v in stats.items()}
 
 
-def evaluate(model, tokens: list[int], *, window: int = 512, reference=None, progress: bool = True) -> EvalResult:
-    """Score ``tokens`` in non-overlapping windows of ``window`` tokens, each run from a fresh start
-    (no cache); a last window shorter than 2 tokens is dropped. With ``reference`` (a model over the
-    same vocabulary) also compare the two output distributions position by position."""
+KV_DTYPES = ("stored", "float32")
+DEFAULT_KV_CHUNK = 64
+
+
+def _kv_storage_dtype(kv_dtype) -> Optional[mx.Dtype]:
+    """make_cache's ``dtype=`` for a ``kv_dtype`` choice: "stored" -> None, i.e. the model's own
+    ``kv_dtype`` (the narrower of stored and compute dtype: what generation keeps), "float32" ->
+    mx.float32; an mx.Dtype passes through."""
+    if isinstance(kv_dtype, mx.Dtype):
+        return kv_dtype
+    if kv_dtype not in KV_DTYPES:
+        raise MlxLlamaError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} or an mx.Dtype, got {kv_dtype!r}")
+    return mx.float32 if kv_dtype == "float32" else None
+
+
+class ThroughKVCache:
+    """A model that computes ``model(x)`` the way generation does: ``chunk`` tokens at a time into
+    a fresh KV cache per call, so that every chunk attends to keys and values as the cache stores
+    them (rounded to its dtype, or quantized). Called like the model, logits of all chunks joined.
+
+    With float32 storage this is the plain forward pass up to float rounding; anything else
+    measures what the storage costs."""
+
+    def __init__(self, model, *, kv_bits=None, kv_group_size: int = 64, kv_dtype="stored", chunk=DEFAULT_KV_CHUNK):
+        if kv_bits is not None and kv_bits not in KV_BITS:
+            raise MlxLlamaError(f"kv_bits must be 4 or 8, got {kv_bits!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise MlxLlamaError(f"the KV chunk must be a positive number of tokens, got {chunk!r}")
+        self.model, self.args, self.chunk = model, model.args, chunk
+        if kv_bits is not None:
+            # Resolved once here, so a group size that head_dim forces down is warned about once
+            # (and an impossible head_dim refused) before any window runs.
+            kv_group_size = resolve_group_size(model.args.head_dim, kv_group_size)
+        self.cache_kwargs = dict(kv_bits=kv_bits, kv_group_size=kv_group_size, dtype=_kv_storage_dtype(kv_dtype))
+        self.cache_dtype = self.cache_kwargs["dtype"] or getattr(model, "kv_dtype", None)
+
+    def describe(self) -> str:
+        """What the cache stores, in words, e.g. "8-bit groups of 64 (scales in bfloat16), chunks of 64"."""
+        bits, group = self.cache_kwargs["kv_bits"], self.cache_kwargs["kv_group_size"]
+        if bits is None:
+            what = _dtype_name(self.cache_dtype)
+        else:  # quantized caches keep scales in the dtype the keys come in (see cache._Quantized)
+            what = f"{bits}-bit groups of {group} (scales in {_dtype_name(getattr(self.model, 'compute_dtype', None))})"
+        return f"{what}, chunks of {self.chunk}"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        cache = self.model.make_cache(**self.cache_kwargs)
+        outs = []
+        for start in range(0, x.shape[1], self.chunk):
+            logits = self.model(x[:, start : start + self.chunk], cache)
+            # Evaluated chunk by chunk, as generation's prefill does, so the graph stays one chunk deep.
+            mx.eval(logits, [(c.keys, c.values) for c in cache])
+            outs.append(logits)
+        return mx.concatenate(outs, axis=1)
+
+
+def _dtype_name(dtype: Optional[mx.Dtype]) -> str:
+    return "the incoming dtype" if dtype is None else str(dtype).rpartition(".")[2]
+
+
+def evaluate(
+    model,
+    tokens: list[int],
+    *,
+    window: int = 512,
+    reference=None,
+    progress: bool = True,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    kv_dtype=None,
+    kv_chunk: Optional[int] = None,
+) -> EvalResult:
+    """Score ``tokens`` in non-overlapping windows of ``window`` tokens, each run from a fresh start;
+    a last window shorter than 2 tokens is dropped. With ``reference`` (a model over the same
+    vocabulary) also compare the two output distributions position by position.
+
+    Each window runs whole, without a cache, unless ``kv_bits`` (4 or 8, with ``kv_group_size``),
+    ``kv_dtype`` ("stored": the model's ``kv_dtype``, as generation keeps it; "float32"; or an
+    mx.Dtype) or ``kv_chunk`` is given: then the model under test reads it through a fresh KV cache
+    ``kv_chunk`` tokens at a time (default 64; see ``ThroughKVCache``). The reference always runs
+    whole."""
+    if kv_bits is not None or kv_dtype is not None or kv_chunk is not None:
+        model = ThroughKVCache(
+            model,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            kv_dtype="stored" if kv_dtype is None else kv_dtype,
+            chunk=DEFAULT_KV_CHUNK if kv_chunk is None else kv_chunk,
+        )
     if window < 2:
         raise MlxLlamaError(f"the window must be at least 2 tokens, got {window}")
     chunks = [tokens[i : i + window] for i in range(0, len(tokens), window)]
@@ -211,8 +302,32 @@ def parse_args(argv=None):
     p.add_argument("--window", type=_window_arg, default=512, help="tokens per independent window (default: 512)")
     p.add_argument("--max-tokens", type=_positive_int, default=4096, help="use at most N tokens (default: 4096)")
     p.add_argument("--dequantize", action="store_true", help="dequantize both models to float32 first (faster on CPU)")
+    kv = p.add_argument_group(
+        "KV cache", "any of these runs the model under test through a KV cache, --kv-chunk tokens at a time"
+    )
+    kv.add_argument("--kv-bits", type=int, choices=KV_BITS, help="store keys and values quantized to 4 or 8 bits")
+    kv.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, help="quantization group (default: 64)")
+    kv.add_argument(
+        "--kv-dtype", choices=KV_DTYPES, help="cache storage: the model's stored dtype (default) or float32"
+    )
+    kv.add_argument("--kv-chunk", type=_positive_int, help=f"tokens fed per step (default: {DEFAULT_KV_CHUNK})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.kv_group_size is not None and a.kv_bits is None:
+        p.error("--kv-group-size needs --kv-bits (a float KV cache has no groups)")
+    return a
+
+
+def _kv_options(a) -> dict:
+    """ThroughKVCache's keyword arguments from the command line; empty when no KV option was given."""
+    if a.kv_bits is None and a.kv_dtype is None and a.kv_chunk is None:
+        return {}
+    return dict(
+        kv_bits=a.kv_bits,
+        kv_group_size=a.kv_group_size or 64,
+        kv_dtype=a.kv_dtype or "stored",
+        chunk=a.kv_chunk or DEFAULT_KV_CHUNK,
+    )
 
 
 def _read_text(path: str) -> tuple[str, str]:
@@ -235,20 +350,28 @@ def _main(argv) -> None:
     tokens = tokenizer.encode(text, add_bos=False)[: a.max_tokens]
     if len(tokens) < a.window:
         raise MlxLlamaError(f"the text gives {len(tokens)} tokens, fewer than one window of {a.window} (see --window)")
+    kv = _kv_options(a)
+    # Wrapped here rather than by evaluate()'s keywords so it can describe itself in the report;
+    # an impossible setting (a head_dim that cannot be grouped) fails before the reference loads.
+    under_test = ThroughKVCache(model, **kv) if kv else model
     reference = load(a.reference)[0] if a.reference else None
     # Which models had quantized layers to dequantize, for the report.
     dequantized = [m is not None and a.dequantize and bool(m.args.quantization) for m in (model, reference)]
     for m, d in zip((model, reference), dequantized):
         if d:
-            dequantize_model(m)
-    r = evaluate(model, tokens, window=a.window, reference=reference, progress=not a.json)
+            dequantize_model(m)  # in place: the wrapper sees the dequantized layers too
+    r = evaluate(under_test, tokens, window=a.window, reference=reference, progress=not a.json)
     if a.json:
         info = {"model": a.model, "reference": a.reference, "text_source": source, "window": a.window}
+        if kv:
+            info["kv_cache"] = {**kv, "stores": under_test.describe()}
         print(json.dumps({**info, "dequantized": a.dequantize, **asdict(r)}))
         return
     print(f"text: {source}")
     note = " (quantized layers dequantized to float32 for speed: the same function)"
     print(f"model: {a.model}" + (note if dequantized[0] else ""))
+    if kv:
+        print(f"KV cache (model only, the reference runs without): {under_test.describe()}")
     print(f"tokens: {r.tokens} predictions in {r.windows} windows of up to {a.window}")
     print(f"perplexity: {r.perplexity:.4f} (nll {r.nll:.4f} nats/token)")
     print(f"speed: {r.tokens_per_s:.1f} tokens/s ({r.seconds:.2f} s, reference excluded)")

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from .errors import MlxLlamaError
 from .memory import RunAheadBound
-from .sample import make_sampler
+from .sample import log_softmax, make_sampler
 
 
 @dataclass
@@ -77,7 +77,7 @@ def generate_step(
         logits = model(y[None], cache)[:, -1, :]
         for proc in logits_processors:
             logits = proc(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         token = sampler(logprobs)
         if logits_processors:
             history = mx.concatenate([history, token])

@@ -22,6 +22,7 @@ import mlx.core as mx
 from .cache import RotatingKVCache
 from .errors import MlxLlamaError
 from .generate import prefill
+from .sample import log_softmax
 
 
 @dataclass
@@ -104,7 +105,7 @@ def lookup_generate_step(
         )
         inputs = mx.array([pending] + draft, dtype=mx.uint32)
         logits = model(inputs[None], cache)[0]  # (1 + len(draft), vocab)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         # Position j predicts the token after inputs[j]: the model's choice where draft[j] stands.
         choice = mx.argmax(logprobs, axis=-1)
         mx.eval(choice, logprobs)

@@ -8,9 +8,16 @@ Randomness comes from MLX's global key (``mx.random.seed``), so a seed reproduce
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, List
 
 import mlx.core as mx
+
+
+@partial(mx.compile, shapeless=True)
+def log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities over the last axis, compiled into one kernel (it runs once per token)."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def greedy(logprobs: mx.array) -> mx.array:
