@@ -45,9 +45,13 @@ def prefill(model, tokens, cache: list, step_size: int = 512, bound=None) -> Non
 
 
 def bounds_run_ahead(model) -> bool:
-    """Whether generation bounds MLX's run-ahead (memory.RunAheadBound): on the CPU, for a model
-    the loader set up (its layers widen weights piece by piece, see upcast.py)."""
-    return mx.default_device() == mx.cpu and hasattr(model, "compute_dtype")
+    """Whether generation bounds MLX's run-ahead (memory.RunAheadBound): on the CPU, for a model whose
+    layers widen weights as they use them (16-bit storage, or quantized: see upcast.py). A float32
+    model has nothing to widen, and the bound only costs it time (128-token prompt 241 -> 208
+    tokens/s, decoding 14.9 -> 13.9 tokens/s) for no memory."""
+    if mx.default_device() != mx.cpu or not hasattr(model, "compute_dtype"):
+        return False
+    return model.compute_dtype != model.stored_dtype or model.args.quantization is not None
 
 
 def generate_step(

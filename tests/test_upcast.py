@@ -145,3 +145,15 @@ def test_bounded_and_unbounded_generation_give_the_same_tokens(bf16_model, monke
     monkeypatch.setattr(GEN, "bounds_run_ahead", lambda m: False)
     free = [t for t, _ in GEN.generate_step(prompt, model, max_tokens=12, prefill_step_size=3)]
     assert bounded == free
+
+
+def test_float32_models_are_not_bounded(tmp_path):
+    """Nothing to widen: the bound would only cost time, so the memory limit is left alone."""
+    cfg = tiny_config()
+    hf = write_hf_checkpoint(tmp_path / "hf", cfg, random_weights(cfg, seed=4))
+    model, _ = load(str(convert(str(hf), str(tmp_path / "mlx"), progress=False)))
+    assert model.stored_dtype == model.compute_dtype == mx.float32
+    assert not GEN.bounds_run_ahead(model)
+    before = mx.get_memory_limit()
+    for _ in GEN.generate_step(mx.array([1, 2, 3], dtype=mx.uint32), model, max_tokens=3):
+        assert mx.get_memory_limit() == before
