@@ -28,9 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import openblas_preloaded, run_json  # bench/common.py (the script's folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 PROMPT = "Tell me a long story about a lighthouse keeper and the ships she guided home."
 
 
@@ -52,7 +53,7 @@ def worker(model_dir: str, gen: int, max_kv_size, kv_bits) -> dict:
     import mlx.core as mx
 
     from mlx_llama import load, stream_generate
-    from mlx_llama.memory import kv_bytes_per_position, model_weights_bytes
+    from mlx_llama.memory import kv_bytes_per_position, kv_storage_dtype, model_weights_bytes
 
     model, tokenizer = load(model_dir)
     tokenizer.eos_token_ids = set()  # exactly `gen` tokens, as bench/speed.py's worker does
@@ -78,11 +79,11 @@ def worker(model_dir: str, gen: int, max_kv_size, kv_bits) -> dict:
         kv_nbytes=sum(c.nbytes for c in cache),
         # What the stored positions cost at the model's per-position rate; nbytes can exceed it
         # because the unbounded cache grows its storage in steps of 256 positions.
-        kv_expected=stored * kv_bytes_per_position(model.args, kv_bits, kv_dtype=model.kv_dtype),
+        kv_expected=stored * kv_bytes_per_position(model.args, kv_bits, kv_dtype=kv_storage_dtype(model, kv_bits)),
         kv_positions=stored,
         kv_offset=cache[0].offset,
         kv_dtype=str(model.kv_dtype),
-        kv_bytes_per_position=kv_bytes_per_position(model.args, kv_bits, kv_dtype=model.kv_dtype),
+        kv_bytes_per_position=kv_bytes_per_position(model.args, kv_bits, kv_dtype=kv_storage_dtype(model, kv_bits)),
         weights_bytes=model_weights_bytes(model),
         generation_tps=r.generation_tps,
         prompt_tokens=len(ids),
@@ -102,19 +103,7 @@ def library_revision() -> str:
 
 
 def run_worker(model_dir: Path, gen: int, kw: dict, timeout: int) -> dict:
-    env = dict(os.environ)
-    # MLX's Linux wheel links the reference BLAS; OpenBLAS makes the prompt (and the dequantized
-    # matmuls) tens of times faster, as in bench/speed.py.
-    if sys.platform == "linux" and os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(model_dir), str(gen), json.dumps(kw)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {timeout} s")
-    if proc.returncode != 0:
-        return dict(error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, Path(__file__).resolve(), "--worker", model_dir, gen, json.dumps(kw)], timeout)
 
 
 def model_dir(work: Path) -> Path:
@@ -169,7 +158,7 @@ def machine() -> dict:
     return dict(
         machine=platform.machine(), system=platform.system(), cores=os.cpu_count(),
         python=platform.python_version(), mlx=mx.__version__, device=str(mx.default_device()),
-        openblas_preloaded=sys.platform == "linux" and os.path.exists(OPENBLAS),
+        openblas_preloaded=openblas_preloaded(),
     )
 
 
@@ -218,39 +207,26 @@ def write_table(path: Path, doc: dict) -> None:
         "prompt, end of sequence ignored so every run generates exactly `length` tokens; one fresh process "
         "per cell. Peak = `mx.get_peak_memory()` of the generation (weights included).",
         "",
-        "## Peak memory (MB)",
-        "",
-        "| generated tokens | " + " | ".join(names) + " |",
-        "|---:|" + "---:|" * len(names),
     ]
-    for n in lengths:
-        lines.append(f"| {n} | " + " | ".join(get(c, n, "peak_gb", ".1f", 1e-3) for c in names) + " |")
+    sections = (
+        ("Peak memory (MB)", "peak_gb", ".1f", 1e-3),
+        ("KV cache bytes held at the end (MB, sum of `c.nbytes` over layers: the storage capacity)",
+         "kv_nbytes", ".2f", 1e6),
+        ("Generation tokens/s", "generation_tps", ".1f", None),
+    )
+    for title, key, spec, scale in sections:
+        lines += ["## " + title, "", "| generated tokens | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        for n in lengths:
+            args = (scale,) if scale is not None else ()
+            lines.append(f"| {n} | " + " | ".join(get(c, n, key, spec, *args) for c in names) + " |")
+        lines.append("")
     lines += [
-        "",
-        "## KV cache bytes held at the end (MB, sum of `c.nbytes` over layers: the storage capacity)",
-        "",
-        "| generated tokens | " + " | ".join(names) + " |",
-        "|---:|" + "---:|" * len(names),
-    ]
-    for n in lengths:
-        lines.append(f"| {n} | " + " | ".join(get(c, n, "kv_nbytes", ".2f", 1e6) for c in names) + " |")
-    lines += [
-        "",
-        "## Generation tokens/s",
-        "",
-        "| generated tokens | " + " | ".join(names) + " |",
-        "|---:|" + "---:|" * len(names),
-    ]
-    for n in lengths:
-        lines.append(f"| {n} | " + " | ".join(get(c, n, "generation_tps", ".1f") for c in names) + " |")
-    lines += [
-        "",
         "Expected KV bytes per position (all layers): "
         + ", ".join(f"{c}: {per_pos[c]:,} B" for c in names if c in per_pos)
         + ". For the float cache that is 30 layers x 2 (K and V) x 3 KV heads x 64 dims x 2 bytes "
         "(stored as bfloat16) = 23,040 B; 8-bit is 64 bytes + a scale and a bias per group of 64: 68 bytes "
         "per row with bf16 scales (12,240 B per position), 72 with float32 ones (12,960 B), as the library "
-        "keeps them since f064a71; `memory.kv_bytes_per_position` still assumes 68.",
+        "keeps them since f064a71.",
         "",
     ]
     lines += growth(names, lengths, cell) + [""]

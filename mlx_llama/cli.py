@@ -237,13 +237,11 @@ def generate_main(argv=None) -> int:
             )
         kv = dict(max_kv_size=a.max_kv_size, kv_bits=a.kv_bits, kv_group_size=a.kv_group_size)
         if a.memory_budget is not None:
-            from .memory import check_budget, estimate_bytes, model_weights_bytes
+            from .memory import check_budget, estimate_bytes, kv_storage_dtype, model_weights_bytes
 
             need = estimate_bytes(
                 model.args, model_weights_bytes(model), len(ids) + a.max_tokens,
-                # float caches store kv_dtype; quantized ones keep scales in the compute dtype
-                kv_dtype=model.compute_dtype if a.kv_bits else model.kv_dtype,
-                **kv,
+                kv_dtype=kv_storage_dtype(model, a.kv_bits), **kv,
             )
             check_budget(need, a.memory_budget * 1e9)
         cache = None

@@ -22,6 +22,12 @@ def model_weights_bytes(model) -> int:
     return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
 
 
+def kv_storage_dtype(model, kv_bits: Optional[int] = None) -> Optional[mx.Dtype]:
+    """The float dtype a loaded model's KV cache stores: keys and values in ``model.kv_dtype`` for a
+    float cache, scales and biases in the compute dtype for a quantized one (see cache._Quantized)."""
+    return getattr(model, "compute_dtype" if kv_bits else "kv_dtype", None)
+
+
 def kv_bytes_per_position(
     model_args, kv_bits: Optional[int] = None, kv_group_size: int = 64, kv_dtype: Optional[mx.Dtype] = None
 ) -> int:

@@ -157,3 +157,17 @@ def test_float32_models_are_not_bounded(tmp_path):
     before = mx.get_memory_limit()
     for _ in GEN.generate_step(mx.array([1, 2, 3], dtype=mx.uint32), model, max_tokens=3):
         assert mx.get_memory_limit() == before
+
+
+def test_kv_storage_dtype_follows_what_each_cache_stores(bf16_model):
+    from mlx_llama.memory import kv_bytes_per_position, kv_storage_dtype
+
+    model, _, _, _ = bf16_model
+    assert kv_storage_dtype(model) == mx.bfloat16  # float cache: keys/values as the weights
+    assert kv_storage_dtype(model, 8) == mx.float32  # quantized: scales in the compute dtype
+    cache = model.make_cache()
+    mx.eval(cache[0].update_and_fetch(*(2 * [mx.zeros((1, 2, 256, 16))])))
+    for c in cache[1:]:
+        mx.eval(c.update_and_fetch(*(2 * [mx.zeros((1, 2, 256, 16))])))
+    per_position = kv_bytes_per_position(model.args, kv_dtype=kv_storage_dtype(model))
+    assert sum(c.nbytes for c in cache) == 256 * per_position
