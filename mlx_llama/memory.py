@@ -61,8 +61,9 @@ def estimate_bytes(
     and "context_tokens", for ``context_tokens`` (prompt + new tokens) per sequence.
 
     The cache keeps min(context_tokens, max_kv_size) positions (and no more than a sliding window,
-    as ``cache.make_cache`` builds it). ``kv_dtype`` is what the cache stores (pass
-    ``model.kv_dtype`` when a model is loaded; without it float32 on the CPU, float16 elsewhere). Storage
+    as ``cache.make_cache`` builds it). ``kv_dtype`` is the float dtype the cache stores (pass
+    ``kv_storage_dtype(model, kv_bits)`` for a loaded model; without it float32 on the CPU, float16
+    elsewhere). Storage
     grows in steps of 256 positions, so the real cache may hold up to 255 positions more."""
     positions = context_tokens
     if max_kv_size is not None:
