@@ -50,7 +50,9 @@ def load_model(model_dir: Path, compute_dtype: Optional[mx.Dtype] = None) -> Mod
     # The matrices stay as stored (half the memory of float32 for a 16-bit model) and are widened
     # piece by piece as they are used; see upcast.py.
     on_cpu = mx.default_device() == mx.cpu
-    compute_in(model, dtype, prompt_dequantize=bool(args.quantization) and on_cpu and fast_blas_loaded())
+    if stored != dtype or args.quantization:
+        # A float model computing in its own dtype keeps MLX's stock layers: nothing to widen.
+        compute_in(model, dtype, prompt_dequantize=bool(args.quantization) and on_cpu and fast_blas_loaded())
     mx.eval(model.parameters())
     model.stored_dtype, model.compute_dtype = stored, dtype
     # The KV cache is kept in the narrower of the two, as the weights are (mlx-lm keeps it in the

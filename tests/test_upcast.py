@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -148,11 +149,12 @@ def test_bounded_and_unbounded_generation_give_the_same_tokens(bf16_model, monke
 
 
 def test_float32_models_are_not_bounded(tmp_path):
-    """Nothing to widen: the bound would only cost time, so the memory limit is left alone."""
+    """Nothing to widen: stock layers, and no bound (it would only cost time)."""
     cfg = tiny_config()
     hf = write_hf_checkpoint(tmp_path / "hf", cfg, random_weights(cfg, seed=4))
     model, _ = load(str(convert(str(hf), str(tmp_path / "mlx"), progress=False)))
     assert model.stored_dtype == model.compute_dtype == mx.float32
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear  # MLX's own layers, untouched
     assert not GEN.bounds_run_ahead(model)
     before = mx.get_memory_limit()
     for _ in GEN.generate_step(mx.array([1, 2, 3], dtype=mx.uint32), model, max_tokens=3):
