@@ -220,20 +220,20 @@ def interpretation(saved: dict) -> list:
 INTERPRETATION = """\
 - The method measures the storage and nothing else: the float32 cache fed 64 tokens at a time gives
   the plain forward pass (KL 5e-12, logits within 6e-7 relative) on both models.
-- **bf16 KV cache (generation's default since the cache follows the stored dtype): free in practice.**
+- **bf16 KV cache (generation's default: the cache follows the stored dtype): free in practice.**
   KL 3.6e-5 and 3.8e-5 nats/token, perplexity within 0.01%, top-1 99.5-99.6%, for half the bytes of
   float32. That is some 60x below the cost of 8-bit weights (KL 0.0022 over 4096 tokens in
   bench/results/quality.md).
-- **8-bit KV (`--kv-bits 8`, g64): small, like 8-bit weights.** KL 0.0017-0.0020, top-1 ~97.7%,
-  perplexity +0.1-0.3%, at 27% of float32's bytes. About three quarters of that KL comes from keeping
-  the scales and biases in bf16 (the cache's dtype): with float32 scales it is 4x smaller (KL 5e-4,
-  top-1 98.5-99.5%) for 6% more bytes (12960 against 12240 per token). Why: bf16 keeps 8 significant
-  bits, so a group's scale and bias (its minimum) are rounded by up to 1/256 of their size; for a group
-  around zero that is about half an 8-bit step (range / 510), on top of the quantization's own half
-  step. At 4 bits the step is 17x coarser and float32 scales make no difference.
-- **4-bit KV (`--kv-bits 4`, g64): a real loss.** KL 0.15-0.16, top-1 79-80%, perplexity +17%
-  (16.21 -> 18.91 on bf16 weights, 18.17 -> 21.29 on the 4-bit model): more than the whole 4-bit
-  default weight recipe costs (KL 0.090 in quality.md). Smaller groups (g32) might help; not measured.
+- **8-bit KV (`--kv-bits 8`, g64): small.** KL 4.6e-4 to 5.1e-4, top-1 98.5-99.5%, perplexity within
+  0.05%, at 28% of float32's bytes. Scales and biases stay float32: an earlier run of this benchmark
+  kept them in bf16 (the cache's dtype) and measured 4x the KL (2.0e-3 and 1.7e-3, top-1 ~97.7%) for
+  6% fewer bytes (12240 against 12960 per token), because bf16's 8 significant bits round a group's
+  scale and minimum by about half an 8-bit step; the cache was changed after that run.
+- **4-bit KV (`--kv-bits 4`): a real loss.** With groups of 64: KL 0.14-0.15, top-1 79-81%,
+  perplexity +15% (16.21 -> 18.68 on bf16 weights, 18.17 -> 20.93 on the 4-bit model), more than the
+  whole 4-bit default weight recipe costs (KL 0.090 in quality.md). Groups of 32 halve that (KL
+  0.078-0.083, top-1 85-86%, perplexity +8-10%) for 20% more bytes (8640 against 7200): if a 4-bit
+  cache is needed, use `--kv-group-size 32`.
 - The cache's cost is about the same on the 4-bit model as on the bf16 one (each row is compared with
   the same model's float32 cache, so these KLs add to the weights' own cost rather than replace it).
 - The chunk size does not matter: quantization groups run along head_dim, one position at a time, and
@@ -241,7 +241,8 @@ INTERPRETATION = """\
   same rounding (checked on tiny models in tests/test_evaluate.py).
 - Limits: 2048 tokens of one kind of text (English prose from docstrings), one small model with 64-wide
   heads; differences under ~10% between the two models' KLs, and perplexities that move by less than
-  0.01%, are noise. The time column includes other jobs sharing the two cores: it is not a speed figure.
+  0.01%, are noise. This run shared the machine with a benchmark on the other core (one BLAS thread,
+  lowest priority): the time column is not a speed figure.
 """.splitlines()
 
 
