@@ -31,9 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import openblas_preloaded, run_json  # bench/common.py (the script's folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 MODELS = {  # name -> convert() keyword arguments
     "float32": dict(dtype="float32"),
     "float16": dict(dtype="float16"),
@@ -97,17 +98,7 @@ def mlxlm_python() -> Path:
 
 
 def run_worker(python: Path, engine: str, model_dir: Path, ids_file: Path, gen: int, timeout: int) -> dict:
-    env = dict(os.environ)
-    if sys.platform == "linux" and os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
-    cmd = [str(python), str(Path(__file__).resolve()), "--worker", engine, str(model_dir), str(ids_file), str(gen)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {timeout} s")
-    if proc.returncode != 0:
-        return dict(error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json([python, Path(__file__).resolve(), "--worker", engine, model_dir, ids_file, gen], timeout)
 
 
 def main():
@@ -214,7 +205,7 @@ def write_table(path: Path, results: list) -> None:
         f"Written by `python bench/speed.py` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}, mlx {mx.__version__}, "
         f"mlx-lm {mlxlm_version()}, device {mx.default_device()}, OpenBLAS preloaded: "
-        f"{sys.platform == 'linux' and os.path.exists(OPENBLAS)}.",
+        f"{openblas_preloaded()}.",
         "SmolLM2-135M-Instruct converted once by our converter and loaded by both engines; greedy, end of "
         "sequence ignored. Medians over the rounds, each run a fresh process. Ratios are ours / mlx-lm: above 1 "
         "is better for tokens/s, below 1 for time to first token (TTFT) and peak memory (MLX's allocator "
