@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,16 @@ def run_json(cmd: list, timeout: int) -> dict:
     if proc.returncode != 0:
         return dict(error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    """Where a benchmark ran, for its results file (the keys both kv_memory.py and kv_quality.py report)."""
+    import mlx.core as mx
+
+    from mlx_llama.upcast import fast_blas_loaded
+
+    return dict(
+        platform=platform.platform(), machine=platform.machine(), system=platform.system(),
+        cores=os.cpu_count(), cpus=os.cpu_count(), python=platform.python_version(), mlx=mx.__version__,
+        device=str(mx.default_device()), openblas_preloaded=openblas_preloaded(), fast_blas=fast_blas_loaded(),
+    )

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import openblas_preloaded, run_json  # bench/common.py (the script's folder is on sys.path)
+from common import machine, run_json  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -150,16 +148,6 @@ def main():
             doc = dict(doc, machine=machine(), model=str(d.relative_to(ROOT)) if d.is_relative_to(ROOT) else str(d),
                        prompt=PROMPT, rows=rows)
             write(out, doc)  # after every measurement: an interrupted run keeps what it measured
-
-
-def machine() -> dict:
-    import mlx.core as mx
-
-    return dict(
-        machine=platform.machine(), system=platform.system(), cores=os.cpu_count(),
-        python=platform.python_version(), mlx=mx.__version__, device=str(mx.default_device()),
-        openblas_preloaded=openblas_preloaded(),
-    )
 
 
 def write(out: Path, doc: dict) -> None:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+from common import OPENBLAS, machine  # bench/common.py (the script's folder is on sys.path)
+
 if sys.platform == "linux" and os.path.exists(OPENBLAS) and OPENBLAS not in os.environ.get("LD_PRELOAD", ""):
     os.environ["LD_PRELOAD"] = OPENBLAS  # must be set before the process starts: re-run ourselves
     os.execv(sys.executable, [sys.executable, *sys.argv])
@@ -39,7 +39,6 @@ import mlx.nn as nn  # noqa: E402
 from mlx_llama import convert, load  # noqa: E402
 from mlx_llama.evaluate import ThroughKVCache, default_eval_text, dequantize_model, evaluate  # noqa: E402
 from mlx_llama.smollm2 import smollm2_hf_dir  # noqa: E402
-from mlx_llama.upcast import fast_blas_loaded  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # name -> (directory under bench/.work, convert() keyword arguments, label)
@@ -159,14 +158,6 @@ def main():
     for name in args.models:
         saved["models"].append(measure(name, tokens, args.window, args.chunk, rows))
         write_report(Path(args.out), saved)  # after each model, so a long run keeps what it has
-
-
-def machine() -> dict:
-    return dict(
-        platform=platform.platform(), machine=platform.machine(), cpus=os.cpu_count(),
-        python=platform.python_version(), mlx=mx.__version__, device=str(mx.default_device()),
-        fast_blas=fast_blas_loaded(),
-    )
 
 
 def write_report(path: Path, saved: dict) -> None:
